@@ -1,0 +1,342 @@
+"""JobCage: one job's cage, from create() to destroy().
+
+Lifecycle, an explicit state machine::
+
+    NEW --create()--> BUILT --destroy()--> DESTROYED
+     |                                        ^
+     +------------- destroy() ----------------+
+
+Re-entering a state is an error; ``destroy()`` is idempotent and ``__exit__`` always
+calls it. Order of teardown: kill every process (freeze, SIGKILL, thaw, wait until
+empty), read the final usage, remove the network side (which reads its counters
+first), remove the cgroups depth-first, then the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import os
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any
+
+from .cgroups import CageCgroup, CgroupBackend, open_backend
+from .config import Config, load_config, parse_size
+from .errors import (
+    CageStateError,
+    ConfigError,
+    JobCageError,
+    NotRootError,
+    TeardownError,
+)
+from .ids import validate_job_id
+from .spawn import spawn as _spawn
+from .state import StateStore
+from .usage import Usage
+
+if TYPE_CHECKING:
+    from .network import NetworkCage
+
+_File = int | IO[Any] | None
+
+
+class State(enum.Enum):
+    NEW = "new"
+    BUILT = "built"
+    DESTROYED = "destroyed"
+
+
+class JobCage:
+    """Contains one batch job and accounts for what it used. See DESIGN.md."""
+
+    def __init__(
+        self,
+        job_id: str,
+        *,
+        memory_limit: str | int | None = None,
+        pids_limit: int | None = None,
+        network: bool = False,
+        campus_networks: Sequence[str] | None = None,
+        config: Config | None = None,
+    ) -> None:
+        self.job_id = validate_job_id(job_id)
+        self.config = config if config is not None else load_config()
+        self.memory_limit = parse_size(
+            memory_limit if memory_limit is not None else self.config.memory_limit
+        )
+        self.pids_limit = pids_limit if pids_limit is not None else self.config.pids_limit
+        if self.pids_limit is not None and (
+            not isinstance(self.pids_limit, int) or self.pids_limit <= 0
+        ):
+            raise ConfigError(f"pids limit must be a positive integer, not {self.pids_limit!r}")
+        self.network = bool(network)
+        campus = campus_networks if campus_networks is not None else self.config.campus_networks
+        try:
+            self.campus_networks = tuple(str(ipaddress.IPv4Network(c)) for c in campus)
+        except ValueError as e:
+            raise ConfigError(
+                f"bad campus network: {e}; give IPv4 CIDRs such as 129.93.0.0/16"
+            ) from None
+        self.final_usage: Usage | None = None
+        self._state = State.NEW
+        self._store = StateStore(self.config.state_dir)
+        self._backend: CgroupBackend | None = None
+        self._cgroup: CageCgroup | None = None
+        self._net: NetworkCage | None = None
+        self._record: dict[str, Any] | None = None
+        self._started: float | None = None
+        self._ended: float | None = None
+        self._killed = 0
+        self._surviving = 0
+
+    # -- what was built --------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def netns_name(self) -> str | None:
+        return self._net.netns_name if self._net else None
+
+    @property
+    def address(self) -> ipaddress.IPv4Interface | None:
+        return self._net.address if self._net else None
+
+    @property
+    def cgroup_paths(self) -> dict[str, str]:
+        return dict(self._cgroup.paths) if self._cgroup else {}
+
+    def __repr__(self) -> str:
+        return f"<JobCage {self.job_id!r} {self._state.value}>"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def __enter__(self) -> JobCage:
+        self.create()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.destroy()
+        except JobCageError as teardown:
+            if exc is None:
+                raise
+            # The body's exception wins; the teardown failure rides along with it.
+            exc.add_note(f"and tearing down the cage failed too: {teardown}")
+
+    def create(self) -> JobCage:
+        """Build the cage; on any failure remove what was built and re-raise."""
+        if self._state is not State.NEW:
+            raise CageStateError(
+                f"cage {self.job_id} is {self._state.value}; create() runs once, on a new JobCage"
+            )
+        if os.geteuid() != 0:
+            raise NotRootError(
+                "JobCage must run as root to create cgroups and namespaces "
+                "(run it from the batch system's root-owned starter)"
+            )
+        backend = open_backend(self.config)
+        record = self._store.new_record(
+            self.job_id,
+            cgroup={"version": backend.version, "paths": backend.paths_for(self.job_id)},
+            network=None,
+            limits={"memory_bytes": self.memory_limit, "pids": self.pids_limit},
+            config={
+                "state_dir": self.config.state_dir,
+                "cgroup_version": backend.version,
+                "cgroup_parent": self.config.cgroup_parent,
+            },
+        )
+        self._store.claim(record)
+        self._record = record
+        self._backend = backend
+        try:
+            self._cgroup = backend.create(
+                self.job_id, memory_limit=self.memory_limit, pids_limit=self.pids_limit
+            )
+            record["cgroup"]["paths"] = self._cgroup.paths
+            if self.network:
+                self._store.save(record)
+                from .network import NetworkCage
+
+                self._net = NetworkCage.create(self.job_id, self.config, self.campus_networks)
+                record["network"] = self._net.to_record()
+            record["state"] = "built"
+            self._store.save(record)
+        except BaseException:
+            self._rollback()
+            raise
+        self._started = time.monotonic()
+        self._state = State.BUILT
+        return self
+
+    def _rollback(self) -> None:
+        errors: list[BaseException] = []
+        if self._net is not None:
+            _collect(errors, self._net.destroy)
+        if self._cgroup is not None:
+            _collect(errors, self._cgroup.remove)
+        if self._backend is not None:
+            _collect(errors, self._backend.remove_parent_if_empty)
+        if not errors:
+            self._store.remove(self.job_id)
+        self._net = self._cgroup = None
+        self._state = State.DESTROYED
+
+    def _require_built(self, what: str) -> CageCgroup:
+        if self._state is not State.BUILT or self._cgroup is None:
+            raise CageStateError(f"cannot {what}: cage {self.job_id} is {self._state.value}")
+        return self._cgroup
+
+    # -- processes -------------------------------------------------------------------
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        user: str | int | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: _File = None,
+        stdout: _File = None,
+        stderr: _File = None,
+    ) -> subprocess.Popen:
+        """Start ``argv`` inside every cgroup and the netns before it execs."""
+        cgroup = self._require_built("spawn")
+        return _spawn(
+            argv,
+            join_files=cgroup.join_files(),
+            netns_path=self._net.netns_path if self._net else None,
+            resolv_conf=self._net.resolv_conf_path if self._net else None,
+            user=user,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+        )
+
+    def attach(self, pid: int) -> None:
+        """Move a running process, and so its future children, into the cgroups.
+
+        A process cannot be moved into another network namespace from outside, so a
+        networked cage refuses: its jobs must be started with spawn().
+        """
+        cgroup = self._require_built("attach")
+        if self._net is not None:
+            raise CageStateError(
+                "attach() cannot move a process into the cage's network namespace; start "
+                "networked jobs with spawn() (or `jobcage run`)"
+            )
+        try:
+            cgroup.add_pid(pid)
+        except ProcessLookupError:
+            raise JobCageError(f"cannot attach pid {pid}: no such process") from None
+        except OSError as e:
+            if e.errno == 3:  # ESRCH from cgroupfs
+                raise JobCageError(f"cannot attach pid {pid}: no such process") from None
+            raise
+
+    def pids(self) -> set[int]:
+        return self._require_built("list pids").pids()
+
+    def freeze(self) -> None:
+        cgroup = self._require_built("freeze")
+        if not cgroup.freeze():
+            cgroup.thaw()
+            raise JobCageError(
+                f"cage {self.job_id} did not freeze in time: a process is in "
+                "uninterruptible sleep (D state, often a hung NFS mount); it was thawed"
+            )
+
+    def thaw(self) -> None:
+        self._require_built("thaw").thaw()
+
+    def kill(self) -> int:
+        """Freeze, SIGKILL every process, thaw, wait until empty; the cage stays."""
+        result = self._require_built("kill").kill_all()
+        self._killed += result.killed
+        self._surviving = result.surviving
+        return result.killed
+
+    # -- accounting ------------------------------------------------------------------
+
+    def usage(self) -> Usage:
+        """Live usage, read from the kernel's counters now."""
+        cgroup = self._require_built("read usage")
+        return self._usage(cgroup, self._net.counters() if self._net else None)
+
+    def _usage(self, cgroup: CageCgroup, net: Any) -> Usage:
+        stats = cgroup.stats()
+        end = self._ended if self._ended is not None else time.monotonic()
+        fields: dict[str, Any] = dataclasses.asdict(stats)
+        if net is not None:
+            fields.update(dataclasses.asdict(net))
+        return Usage(
+            wall_seconds=round(end - self._started, 6) if self._started else None,
+            processes_killed=self._killed,
+            processes_surviving=self._surviving,
+            **fields,
+        )
+
+    # -- teardown --------------------------------------------------------------------
+
+    def destroy(self) -> Usage | None:
+        """Kill, account, remove everything; idempotent. Returns the final usage.
+
+        Every step runs even if an earlier one failed; failures are raised together as
+        one TeardownError at the end. If processes survive every bounded kill pass, the
+        cgroups and record are kept so that `jobcage reap` can finish later.
+        """
+        if self._state is State.DESTROYED:
+            return self.final_usage
+        if self._state is State.NEW:
+            self._state = State.DESTROYED
+            return None
+        cgroup = self._cgroup
+        assert cgroup is not None
+        errors: list[BaseException] = []
+        _collect(errors, self.kill)
+        self._ended = time.monotonic()
+        stats_usage = _collect(errors, self._usage, cgroup, None)
+        net_counters = None
+        if self._net is not None:
+            net_counters = _collect(errors, self._net.destroy)
+        if stats_usage is not None:
+            net_fields = dataclasses.asdict(net_counters) if net_counters is not None else {}
+            self.final_usage = dataclasses.replace(stats_usage, **net_fields)
+        if self._surviving == 0:
+            _collect(errors, cgroup.remove)
+            assert self._backend is not None
+            _collect(errors, self._backend.remove_parent_if_empty)
+        if not errors and self._surviving == 0:
+            self._store.remove(self.job_id)
+        elif self._record is not None:
+            self._record["state"] = "teardown-failed"
+            if self.final_usage is not None:
+                self._record["final_usage"] = self.final_usage.to_dict()
+            _collect(errors, self._store.save, self._record)
+        self._state = State.DESTROYED
+        if self._surviving:
+            errors.append(
+                JobCageError(
+                    f"{self._surviving} process(es) of job {self.job_id} survived SIGKILL "
+                    "(uninterruptible sleep); the cgroup is kept and `jobcage reap` will "
+                    "remove it once they are gone"
+                )
+            )
+        if errors:
+            raise TeardownError(f"tearing down cage {self.job_id} failed", errors)
+        return self.final_usage
+
+
+def _collect(errors: list[BaseException], fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:
+        errors.append(e)
+        return None

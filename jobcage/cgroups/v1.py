@@ -1,0 +1,256 @@
+"""cgroup v1 backend: a directory per controller (freezer, memory, cpuacct, blkio, pids).
+
+cgroupspy's controller classes serve the memory files; it has no freezer or pids
+class and its blkio class names files this kernel no longer has (since 5.0 and the
+removal of CFQ, only ``blkio.throttle.*`` and ``blkio.bfq.*`` remain), so those few
+files are read and written here directly.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+from cgroupspy.controllers import MemoryController
+from cgroupspy.nodes import Node
+
+from ..config import Config
+from ..errors import KernelFeatureError
+from . import CgroupBackend, Hierarchies, parent_path
+from .base import (
+    FREEZE_TIMEOUT_SECONDS,
+    GONE_ERRNOS,
+    CageCgroup,
+    CgroupStats,
+    mkdir_under_parent,
+    read_file,
+    read_int,
+    read_pids,
+    rmdir_if_empty,
+    rmdir_tree,
+    subtree_dirs,
+    wait_until,
+    write_file,
+)
+
+REQUIRED = ("freezer",)
+
+
+def _memory(path: str) -> MemoryController:
+    head, name = os.path.split(path)
+    return MemoryController(Node(name, parent=Node(head)))
+
+
+class CgroupV1Backend(CgroupBackend):
+    version = 1
+
+    def __init__(self, hierarchies: Hierarchies, config: Config) -> None:
+        self.h = hierarchies
+        self.config = config
+        missing = [c for c in REQUIRED if c not in hierarchies.v1_mounts]
+        if missing:
+            raise KernelFeatureError(
+                f"the cgroup v1 {', '.join(missing)} controller is not mounted: mount it "
+                f"(mount -t cgroup -o {missing[0]} cgroup /sys/fs/cgroup/{missing[0]}) or "
+                "use a cgroup v2 node (kernel option CONFIG_CGROUP_FREEZER)"
+            )
+        self.parents = {
+            c: os.path.join(
+                hierarchies.v1_mounts[c], parent_path(hierarchies.v1_own[c], config).lstrip("/")
+            )
+            for c in hierarchies.v1_mounts
+        }
+
+    def _controllers(self, memory_limit: int | None, pids_limit: int | None) -> list[str]:
+        wanted = list(dict.fromkeys(self.config.cgroup_controllers))
+        if pids_limit is not None and "pids" not in wanted:
+            wanted.append("pids")
+        needed = (
+            {"freezer"}
+            | ({"memory"} if memory_limit else set())
+            | ({"pids"} if pids_limit is not None else set())
+        )
+        for c in needed:
+            if c not in self.h.v1_mounts:
+                raise KernelFeatureError(
+                    f"a limit needs the cgroup v1 {c} controller, which is not mounted on "
+                    f"this node: mount it on /sys/fs/cgroup/{c} (kernel option "
+                    f"CONFIG_{'MEMCG' if c == 'memory' else 'CGROUP_PIDS'})"
+                )
+        return [c for c in wanted if c in self.h.v1_mounts]
+
+    def create(self, name: str, *, memory_limit: int | None, pids_limit: int | None) -> V1Cgroup:
+        made: dict[str, str] = {}
+        try:
+            for c in self._controllers(memory_limit, pids_limit):
+                path = os.path.join(self.parents[c], name)
+                mkdir_under_parent(self.parents[c], path)
+                made[c] = path
+            cg = V1Cgroup(made)
+            cg.set_limits(memory_limit, pids_limit)
+            return cg
+        except BaseException:
+            for path in made.values():
+                rmdir_tree(path)
+            raise
+
+    def open(self, paths: dict[str, str]) -> V1Cgroup:
+        return V1Cgroup({c: p for c, p in paths.items() if os.path.isdir(p)})
+
+    def paths_for(self, name: str) -> dict[str, str]:
+        wanted = (*self.config.cgroup_controllers, "pids")
+        return {c: os.path.join(self.parents[c], name) for c in wanted if c in self.parents}
+
+    def remove_parent_if_empty(self) -> None:
+        for parent in self.parents.values():
+            rmdir_if_empty(parent)
+
+
+class V1Cgroup(CageCgroup):
+    version = 1
+
+    @property
+    def _freezer(self) -> str:
+        try:
+            return self.paths["freezer"]
+        except KeyError:
+            raise FileNotFoundError("the cage has no freezer cgroup (already removed)") from None
+
+    def set_limits(self, memory_limit: int | None, pids_limit: int | None) -> None:
+        if memory_limit is not None:
+            mem = _memory(self.paths["memory"])
+            mem.limit_in_bytes = memory_limit
+            # memsw (RAM + swap) exists when swap accounting is on (swapaccount=1 or
+            # CONFIG_MEMCG_SWAP default); with it the job cannot swap past its limit.
+            if os.path.exists(os.path.join(self.paths["memory"], "memory.memsw.limit_in_bytes")):
+                mem.memsw_limit_in_bytes = memory_limit
+        if pids_limit is not None:
+            write_file(os.path.join(self.paths["pids"], "pids.max"), str(pids_limit))
+
+    def join_files(self) -> list[str]:
+        return [os.path.join(p, "cgroup.procs") for p in self.paths.values()]
+
+    def pids(self) -> set[int]:
+        return read_pids(os.path.join(d, "cgroup.procs") for d in subtree_dirs(self._freezer))
+
+    def freeze(self, timeout: float = FREEZE_TIMEOUT_SECONDS) -> bool:
+        state = os.path.join(self._freezer, "freezer.state")
+        write_file(state, "FROZEN")
+        # v1 has no notification for FREEZING -> FROZEN; freezer.state is re-evaluated
+        # on each read (kernel/cgroup/legacy_freezer.c, update_if_frozen).
+        return wait_until(lambda: read_file(state).strip() == "FROZEN", timeout)
+
+    def thaw(self) -> None:
+        try:
+            write_file(os.path.join(self._freezer, "freezer.state"), "THAWED")
+        except OSError as e:
+            if e.errno not in GONE_ERRNOS:
+                raise
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Block on pidfds of the remaining processes: readable once each has exited."""
+        return _wait_pids_gone(self.pids, timeout)
+
+    def stats(self) -> CgroupStats:
+        user = system = peak = limit = ooms = rd = wr = None
+        if "cpuacct" in self.paths:
+            acct = self.paths["cpuacct"]
+            u = read_int(os.path.join(acct, "cpuacct.usage_user"))
+            s = read_int(os.path.join(acct, "cpuacct.usage_sys"))
+            if u is not None and s is not None:
+                user, system = u / 1e9, s / 1e9
+            else:  # before 4.6: USER_HZ ticks only
+                ticks = _keyed(read_file(os.path.join(acct, "cpuacct.stat")))
+                hz = os.sysconf("SC_CLK_TCK")
+                user, system = ticks["user"] / hz, ticks["system"] / hz
+        if "memory" in self.paths:
+            mem = _memory(self.paths["memory"])
+            peak = mem.max_usage_in_bytes
+            raw_limit = mem.limit_in_bytes
+            # An unlimited v1 cgroup reports PAGE_COUNTER_MAX pages rounded down.
+            limit = raw_limit if raw_limit < (1 << 62) else None
+            # oom_kill in memory.oom_control since 4.13.
+            ooms = mem.oom_control.get("oom_kill")
+        if "blkio" in self.paths:
+            rd, wr = _blkio_bytes(self.paths["blkio"])
+        return CgroupStats(user, system, peak, limit, ooms, rd, wr)
+
+    def remove(self) -> None:
+        errors = []
+        for path in self.paths.values():
+            try:
+                rmdir_tree(path)
+            except OSError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+def _keyed(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _blkio_bytes(path: str) -> tuple[int | None, int | None]:
+    """Read/write bytes from blk-throttle's counters, which count every bio.
+
+    blkio.io_service_bytes (CFQ) is gone since 5.0; blkio.throttle.* is kept by
+    blk-throttle. Buffered writes are charged to the root on v1 (no cgroup
+    writeback), so only direct and synchronous I/O lands here.
+    """
+    name = os.path.join(path, "blkio.throttle.io_service_bytes_recursive")
+    try:
+        text = read_file(name)
+    except FileNotFoundError:
+        return None, None
+    rd = wr = 0
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "Read":
+            rd += int(parts[2])
+        elif len(parts) == 3 and parts[1] == "Write":
+            wr += int(parts[2])
+    return rd, wr
+
+
+def _wait_pids_gone(list_pids, timeout: float) -> bool:
+    """Wait until ``list_pids()`` is empty, blocking on pidfds rather than sleeping.
+
+    A pidfd polls readable when its process exits (Linux 5.3); the cgroup drops the
+    task in do_exit, before that. Processes that appear later are picked up on the
+    next pass.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        pids = list_pids()
+        if not pids:
+            return True
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            return False
+        poller = select.poll()
+        fds = []
+        try:
+            for pid in pids:
+                try:
+                    fd = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    continue
+                fds.append(fd)
+                poller.register(fd, select.POLLIN)
+            pending = set(fds)
+            while pending:
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    break
+                for fd, _ev in poller.poll(remaining * 1000):
+                    pending.discard(fd)
+                    poller.unregister(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)

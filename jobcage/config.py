@@ -1,0 +1,161 @@
+"""Node-wide settings, shared by the library and the CLI.
+
+The same object is built from defaults, a TOML file (``/etc/jobcage/jobcage.toml`` or
+``$JOBCAGE_CONFIG``), the environment and the command line, in rising precedence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+DEFAULT_STATE_DIR = "/run/jobcage"
+DEFAULT_CGROUP_PARENT_NAME = "jobcage"
+# RFC 6598 shared address space: made for carrier-grade NAT, so it is neither a
+# campus's RFC 1918 range nor a public one. Each cage takes a /30 of it.
+DEFAULT_ADDRESS_POOL = "100.64.0.0/16"
+
+
+@dataclass(frozen=True)
+class Config:
+    # "auto" picks v2 when the unified hierarchy holds the memory controller, else v1.
+    cgroup_version: str = "auto"
+    # Parent cgroup, the same relative path in every hierarchy. None: the calling
+    # process's own cgroup in each hierarchy plus "jobcage".
+    cgroup_parent: str | None = None
+    # v1 controllers a cage joins; pids is added when a pids limit is set.
+    cgroup_controllers: tuple[str, ...] = ("freezer", "memory", "cpuacct", "blkio")
+    state_dir: str = DEFAULT_STATE_DIR
+    address_pool: str = DEFAULT_ADDRESS_POOL
+    # Interface NATed for the cages; None: the interface of the default route.
+    uplink: str | None = None
+    campus_networks: tuple[str, ...] = ()
+    memory_limit: str | int | None = None
+    pids_limit: int | None = None
+    # Whether a caged job may open connections to services on the node itself.
+    allow_node_access: bool = False
+    # Seconds between forwarding SIGTERM to a job and tearing its cage down.
+    grace_seconds: float = 30.0
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: str | int | None) -> int | None:
+    """Bytes from ``2G``, ``512M``, ``1048576`` (binary units, as cgroupfs takes)."""
+    from .errors import ConfigError
+
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        if isinstance(value, int) and value <= 0:
+            raise ConfigError(f"memory limit must be positive, not {value}")
+        return value
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise ConfigError(
+            f"cannot read {value!r} as a size; write e.g. 2G, 512M or a number of bytes"
+        ) from None
+    if size <= 0:
+        raise ConfigError(f"size {value!r} must be positive")
+    return size
+
+
+DEFAULT_CONFIG_FILE = "/etc/jobcage/jobcage.toml"
+ENV_PREFIX = "JOBCAGE_"
+
+
+def _coerce(name: str, value: object, where: str) -> object:
+    """Check a value against the field's type; the error names the key and its source."""
+    from .errors import ConfigError
+
+    f = {f.name: f for f in dataclasses.fields(Config)}[name]
+    kind = str(f.type)
+    try:
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v for v in (s.strip() for s in value.split(",")) if v]
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise TypeError("a list of strings")
+            return tuple(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in {"1", "0", "true", "false", "yes", "no"}:
+                    raise TypeError("true or false")
+                return lowered in {"1", "true", "yes"}
+            if not isinstance(value, bool):
+                raise TypeError("true or false")
+            return value
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError("a number")
+            return float(value)  # type: ignore[arg-type]
+        if kind == "int | None":
+            if isinstance(value, bool) or int(value) <= 0:  # type: ignore[call-overload]
+                raise TypeError("a positive integer")
+            return int(value)  # type: ignore[call-overload]
+        if name == "memory_limit":
+            parse_size(value)  # type: ignore[arg-type]
+            return value
+        if name == "cgroup_version":
+            if str(value) not in {"auto", "1", "2"}:
+                raise TypeError("auto, 1 or 2")
+            return str(value)
+        if not isinstance(value, str):
+            raise TypeError("a string")
+        return value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {name} = {value!r} is not valid; expected {e}") from None
+
+
+def load_config(
+    path: str | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: object,
+) -> Config:
+    """Defaults < file < environment (JOBCAGE_<KEY>) < ``overrides`` (the command line).
+
+    The file is ``path``, else ``$JOBCAGE_CONFIG``, else /etc/jobcage/jobcage.toml if it
+    exists. Unknown keys and bad values are errors naming the key and the file.
+    """
+    import tomllib
+
+    from .errors import ConfigError
+
+    env = os.environ if environ is None else environ
+    names = {f.name for f in dataclasses.fields(Config)}
+    values: dict[str, object] = {}
+    path = path or env.get("JOBCAGE_CONFIG")
+    if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for key, value in data.items():
+            if key not in names:
+                raise ConfigError(
+                    f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(names))}"
+                )
+            values[key] = _coerce(key, value, path)
+    for key in names:
+        raw = env.get(ENV_PREFIX + key.upper())
+        if raw is not None:
+            values[key] = _coerce(key, raw, f"${ENV_PREFIX}{key.upper()}")
+    for key, value in overrides.items():
+        if key not in names:
+            raise ConfigError(f"unknown setting {key!r}")
+        if value is not None:
+            values[key] = _coerce(key, value, "command line")
+    return Config(**values)  # type: ignore[arg-type]

@@ -1,0 +1,74 @@
+"""The one exception tree of JobCage.
+
+Every error the library raises on purpose derives from :class:`JobCageError`, and its
+text says what an administrator should do about it. Kernel, pyroute2 and iptc errors
+are translated at the backend edge with ``raise ... from`` so the cause stays visible::
+
+    JobCageError
+    ├── InvalidJobIdError      bad job id; nothing was created
+    ├── ConfigError            bad config file, key or value
+    ├── NotRootError           needs root (or CAP_SYS_ADMIN + CAP_NET_ADMIN)
+    ├── KernelFeatureError     a kernel feature is missing; names the feature and config
+    ├── CageExistsError        a cage with this job id is already on the node
+    ├── CageNotFoundError      no cage with this job id on the node
+    ├── CageStateError         an operation in the wrong lifecycle state
+    ├── AddressPoolExhaustedError  every address of the pool is taken
+    ├── SpawnError             the job could not be started (bad user, missing binary)
+    ├── NetworkError           building or removing the network side failed
+    └── TeardownError          teardown finished with errors; lists each
+"""
+
+from __future__ import annotations
+
+
+class JobCageError(Exception):
+    """Root of every error JobCage raises on purpose."""
+
+
+class InvalidJobIdError(JobCageError, ValueError):
+    pass
+
+
+class ConfigError(JobCageError, ValueError):
+    pass
+
+
+class NotRootError(JobCageError, PermissionError):
+    pass
+
+
+class KernelFeatureError(JobCageError):
+    pass
+
+
+class CageExistsError(JobCageError, FileExistsError):
+    pass
+
+
+class CageNotFoundError(JobCageError, LookupError):
+    pass
+
+
+class CageStateError(JobCageError, RuntimeError):
+    pass
+
+
+class AddressPoolExhaustedError(JobCageError):
+    pass
+
+
+class SpawnError(JobCageError, OSError):
+    pass
+
+
+class NetworkError(JobCageError):
+    pass
+
+
+class TeardownError(JobCageError):
+    """Teardown went through every step but some failed; ``errors`` holds each."""
+
+    def __init__(self, message: str, errors: list[BaseException]) -> None:
+        details = "; ".join(f"{type(e).__name__}: {e}" for e in errors)
+        super().__init__(f"{message}: {details}" if details else message)
+        self.errors = errors

@@ -1,0 +1,151 @@
+"""Starting a process that is inside the cage before it executes a single instruction
+of the job.
+
+The child joins every cgroup (writing "0", i.e. itself, into each ``cgroup.procs``)
+and the network namespace in ``preexec_fn``, between fork and exec: there is no
+window in which the job could fork outside the cage. Every file is opened in the
+parent, so the child only calls write(2) and setns(2). Privileges are dropped last,
+in the child too, because joining cgroups and namespaces needs root: CPython's own
+``user=``/``group=`` arguments drop them *before* ``preexec_fn`` runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import pwd
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SpawnError
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
+MS_BIND = 4096
+MS_REC = 16384
+MS_SLAVE = 1 << 19
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_libc.unshare.argtypes = (ctypes.c_int,)
+_libc.mount.argtypes = (
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    name: str | None
+
+
+def resolve_user(user: str | int) -> Credentials:
+    """Look the user up in the parent, so a bad name fails before any fork."""
+    try:
+        entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+    except KeyError:
+        if isinstance(user, int) and user >= 0:
+            # A uid without a passwd entry (batch systems map users that way too):
+            # its own gid, no supplementary groups.
+            return Credentials(user, user, (), None)
+        raise SpawnError(
+            f"no such user {user!r} on this node: check the passwd database "
+            "(getent passwd) or give a uid"
+        ) from None
+    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return Credentials(entry.pw_uid, entry.pw_gid, groups, entry.pw_name)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    join_files: Sequence[str],
+    netns_path: str | None = None,
+    resolv_conf: str | None = None,
+    user: str | int | None = None,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: Any = None,
+    stdout: Any = None,
+    stderr: Any = None,
+) -> subprocess.Popen:
+    if not argv:
+        raise SpawnError("nothing to run: argv is empty")
+    creds = resolve_user(user) if user is not None else None
+    fds: list[int] = []
+    try:
+        for path in join_files:
+            fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        join_fds = tuple(fds)
+        netns_fd = -1
+        if netns_path is not None:
+            netns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            fds.append(netns_fd)
+        resolv = resolv_conf.encode() if resolv_conf else None
+
+        def enter_cage() -> None:
+            for fd in join_fds:
+                os.write(fd, b"0")
+            if netns_fd >= 0:
+                _check(_libc.setns(netns_fd, CLONE_NEWNET), "setns")
+            if resolv is not None:
+                # What `ip netns exec` does for /etc/netns/NAME/resolv.conf: a private
+                # mount namespace (slave, so host mounts still propagate in) with the
+                # cage's resolv.conf bound over the node's.
+                _check(_libc.unshare(CLONE_NEWNS), "unshare")
+                _check(_libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None), "mount")
+                _check(
+                    _libc.mount(resolv, b"/etc/resolv.conf", None, MS_BIND, None),
+                    "bind resolv.conf",
+                )
+            if creds is not None:
+                os.setgroups(creds.groups)
+                os.setgid(creds.gid)
+                os.setuid(creds.uid)
+
+        try:
+            return subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=dict(env) if env is not None else None,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+                preexec_fn=enter_cage,
+            )
+        except FileNotFoundError as e:
+            raise SpawnError(
+                e.errno,
+                f"cannot run {argv[0]!r}: no such file (check the path and the job's PATH)",
+            ) from e
+        except PermissionError as e:
+            who = f" as user {creds.name or creds.uid}" if creds else ""
+            raise SpawnError(
+                e.errno,
+                f"cannot run {argv[0]!r}{who}: permission denied "
+                "(check the file's mode and every directory above it)",
+            ) from e
+        except subprocess.SubprocessError as e:
+            raise SpawnError(
+                f"the job could not enter its cage before exec ({e}); the cage's "
+                "cgroup or netns may have been removed: check `jobcage list`"
+            ) from e
+    finally:
+        for fd in fds:
+            os.close(fd)

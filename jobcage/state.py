@@ -1,0 +1,144 @@
+"""The on-disk record of each cage: what crash recovery and the CLI work from.
+
+A cage claims ``<state_dir>/cages/<job id>.json`` with O_EXCL *before* it creates
+anything, so that a second cage of the same id fails cleanly and an owner killed
+half-way through ``create()`` still leaves a record naming what it may have built.
+The record is rewritten (write to a temporary file, then rename) as the cage grows,
+and removed last at teardown. The owner is identified by pid *and* start time, so a
+recycled pid is never mistaken for a live owner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import CageExistsError, CageNotFoundError, JobCageError
+
+RECORD_FORMAT = 1
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (/proc/PID/stat field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after it.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def owner_alive(record: dict[str, Any]) -> bool:
+    pid = record.get("owner_pid")
+    if not isinstance(pid, int):
+        return False
+    ticks = process_start_ticks(pid)
+    return ticks is not None and ticks == record.get("owner_start_ticks")
+
+
+class StateStore:
+    """The cage records of one node, under one state directory."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.cages_dir = os.path.join(state_dir, "cages")
+
+    def _path(self, job_id: str) -> str:
+        return os.path.join(self.cages_dir, f"{job_id}.json")
+
+    def _ensure_dirs(self) -> None:
+        try:
+            os.makedirs(self.cages_dir, mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise JobCageError(
+                f"cannot create the state directory {self.cages_dir}: {e.strerror}; "
+                "set state_dir in the config to a writable local directory"
+            ) from e
+
+    @contextlib.contextmanager
+    def lock(self, name: str = "lock") -> Iterator[None]:
+        """An exclusive node-wide lock (flock) for state shared between cages."""
+        self._ensure_dirs()
+        fd = os.open(os.path.join(self.state_dir, name), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def new_record(self, job_id: str, **fields: Any) -> dict[str, Any]:
+        pid = os.getpid()
+        return {
+            "format": RECORD_FORMAT,
+            "job_id": job_id,
+            "owner_pid": pid,
+            "owner_start_ticks": process_start_ticks(pid),
+            "created_unix": time.time(),
+            "state": "building",
+            **fields,
+        }
+
+    def claim(self, record: dict[str, Any]) -> None:
+        self._ensure_dirs()
+        path = self._path(record["job_id"])
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            existing = self.load_or_none(record["job_id"])
+            owner = existing.get("owner_pid") if existing else "?"
+            raise CageExistsError(
+                f"a cage for job {record['job_id']} already exists on this node (owner pid "
+                f"{owner}, record {path}); if its owner is dead, run `jobcage reap`"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+
+    def save(self, record: dict[str, Any]) -> None:
+        path = self._path(record["job_id"])
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+
+    def load(self, job_id: str) -> dict[str, Any]:
+        record = self.load_or_none(job_id)
+        if record is None:
+            raise CageNotFoundError(
+                f"no cage for job {job_id} on this node (no record in {self.cages_dir}); "
+                "`jobcage list` shows the cages there are"
+            )
+        return record
+
+    def load_or_none(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            with open(self._path(job_id)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            # Claimed but not yet written: the owner died between open and write.
+            return {"job_id": job_id, "state": "building", "owner_pid": None}
+
+    def remove(self, job_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(job_id))
+
+    def records(self) -> list[dict[str, Any]]:
+        try:
+            names = sorted(os.listdir(self.cages_dir))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if name.endswith(".json"):
+                record = self.load_or_none(name[: -len(".json")])
+                if record is not None:
+                    out.append(record)
+        return out
