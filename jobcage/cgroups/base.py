@@ -141,7 +141,7 @@ def read_file(path: str) -> str:
 
 def write_file(path: str, value: str) -> None:
     # One write() per value: cgroupfs takes one value per write call.
-    fd = os.open(path, os.O_WRONLY)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, value.encode())
     finally:
