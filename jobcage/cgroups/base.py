@@ -206,15 +206,19 @@ def wait_until(predicate, timeout: float) -> bool:
         delay = min(delay * 2, 0.01)
 
 
-def mkdir_under_parent(parent: str, path: str) -> None:
+def mkdir_under_parent(parent: str, path: str, ensure_parent=None) -> None:
     """mkdir the cage's cgroup, creating the parent on demand.
 
-    Another cage's teardown may remove an empty parent between our two mkdirs, so
-    ENOENT on the second is retried.
+    Another cage's teardown may remove an empty parent between the two mkdirs, so
+    ENOENT on the second is retried, with the parent made again by ``ensure_parent``
+    (v2 must also re-delegate controllers to a re-made parent).
     """
     for _ in range(MKDIR_RETRIES):
         try:
-            os.mkdir(parent)
+            if ensure_parent is not None:
+                ensure_parent()
+            else:
+                os.mkdir(parent)
         except FileExistsError:
             pass
         except FileNotFoundError:

@@ -53,7 +53,6 @@ class CgroupV2Backend(CgroupBackend):
         self.own = hierarchies.v2_own
         rel = parent_path(hierarchies.v2_own, config)
         self.parent = os.path.join(self.mount, rel.lstrip("/"))
-        self._prepared = False
 
     # -- the parent ------------------------------------------------------------------
 
@@ -67,8 +66,6 @@ class CgroupV2Backend(CgroupBackend):
         in its unit's own cgroup; like other tools run under systemd we then move
         ourselves into a leaf beside the cages' parent and retry.
         """
-        if self._prepared:
-            return
         grand = os.path.dirname(self.parent)
         wanted = self._available(grand)
         if wanted:
@@ -77,7 +74,6 @@ class CgroupV2Backend(CgroupBackend):
             os.mkdir(self.parent)
         if wanted:
             self._enable(self.parent, wanted)
-        self._prepared = True
 
     @staticmethod
     def _available(path: str) -> list[str]:
@@ -126,9 +122,8 @@ class CgroupV2Backend(CgroupBackend):
     # -- cages -----------------------------------------------------------------------
 
     def create(self, name: str, *, memory_limit: int | None, pids_limit: int | None) -> V2Cgroup:
-        self._prepare_parent()
         path = os.path.join(self.parent, name)
-        mkdir_under_parent(self.parent, path)
+        mkdir_under_parent(self.parent, path, ensure_parent=self._prepare_parent)
         try:
             cg = V2Cgroup({"unified": path})
             cg.set_limits(memory_limit, pids_limit)
@@ -145,7 +140,6 @@ class CgroupV2Backend(CgroupBackend):
 
     def remove_parent_if_empty(self) -> None:
         rmdir_if_empty(self.parent)
-        self._prepared = False
 
 
 class V2Cgroup(CageCgroup):

@@ -1,0 +1,243 @@
+"""What a batch system tells its job about itself: job id, memory request, scratch dir.
+
+HTCondor hands a job wrapper the job's ClassAd in the file ``$_CONDOR_JOB_AD`` (and the
+slot's in ``$_CONDOR_MACHINE_AD``) and a scratch directory in ``$_CONDOR_SCRATCH_DIR``;
+it puts the job on hold with the text of ``$_CONDOR_WRAPPER_ERROR_FILE`` when the
+wrapper writes one. Slurm puts ``SLURM_JOB_ID``, ``SLURM_STEP_ID`` and
+``SLURM_PROCID`` into the environment of each task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+from .ids import validate_job_id
+from .usage import Usage
+
+MIB = 1 << 20
+CONDOR_USAGE_FILE = "jobcage-usage.json"
+# Usage figures set as job attributes through condor_chirp (one call each, so few).
+CHIRP_FIELDS = (
+    "wall_seconds",
+    "cpu_user_seconds",
+    "cpu_system_seconds",
+    "memory_peak_bytes",
+    "oom_kills",
+    "io_read_bytes",
+    "io_write_bytes",
+    "net_lan_rx_bytes",
+    "net_lan_tx_bytes",
+    "net_wan_rx_bytes",
+    "net_wan_tx_bytes",
+)
+CHIRP_TIMEOUT_SECONDS = 30.0
+
+
+# -- ClassAds ----------------------------------------------------------------------------
+
+
+def parse_classad(text: str) -> dict[str, Any]:
+    """Attributes of a ClassAd in the "old" ``Name = Value`` form HTCondor writes.
+
+    Names are case-insensitive in ClassAds, so keys are lowercased. Integers, reals,
+    booleans and string literals become Python values; any other expression is kept
+    as its text (evaluating it needs the classad module).
+    """
+    ad: dict[str, Any] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        name = name.strip()
+        if not sep or not name or name.startswith(("#", "[", "]")) or not name.isidentifier():
+            continue
+        ad[name.lower()] = _literal(value.strip())
+    return ad
+
+
+def _literal(text: str) -> Any:
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        body = text[1:-1]
+        if '"' not in body.replace('\\"', ""):
+            return body.replace('\\"', '"').replace("\\\\", "\\")
+        return text
+    lowered = text.lower()
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    with contextlib.suppress(ValueError):
+        return int(text)
+    with contextlib.suppress(ValueError):
+        return float(text)
+    return text
+
+
+def load_classad(path: str) -> dict[str, Any]:
+    """A job or machine ad from a file: through htcondor's classad module when present
+    (it evaluates expressions such as a RequestMemory that depends on MemoryUsage),
+    else through :func:`parse_classad`."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read the HTCondor ad {path}: {e.strerror}") from None
+    try:
+        import classad  # type: ignore[import-not-found]
+    except ImportError:
+        return parse_classad(text)
+    try:
+        ad = classad.parseOne(text, classad.Parser.Old)
+    except Exception:
+        return parse_classad(text)
+    out: dict[str, Any] = {}
+    for key in ad:
+        try:
+            value = ad.eval(key)
+        except Exception:
+            value = str(ad.lookup(key))
+        if isinstance(value, bool | int | float | str):
+            out[key.lower()] = value
+        else:
+            out[key.lower()] = str(value)
+    return out
+
+
+@dataclass(frozen=True)
+class CondorJob:
+    """What ``jobcage run --batch condor`` takes from HTCondor."""
+
+    job_id: str
+    memory_limit_bytes: int | None
+    scratch_dir: str | None
+    # The time HTCondor waits between its soft kill (SIGTERM) and SIGKILL.
+    max_vacate_seconds: float | None
+    error_file: str | None
+
+
+def condor_job(environ: Mapping[str, str] | None = None) -> CondorJob:
+    """Read the job ad named by ``$_CONDOR_JOB_AD``: ClusterId.ProcId, RequestMemory.
+
+    RequestMemory is in MiB. When it is an expression the fallback parser cannot
+    evaluate, the slot's provisioned Memory from the machine ad is used instead.
+    """
+    env = os.environ if environ is None else environ
+    path = env.get("_CONDOR_JOB_AD")
+    if not path:
+        raise ConfigError(
+            "--batch condor needs $_CONDOR_JOB_AD: run it as HTCondor's USER_JOB_WRAPPER "
+            "(tools/condor-job-wrapper), or give --job-id instead"
+        )
+    ad = load_classad(path)
+    cluster, proc = ad.get("clusterid"), ad.get("procid")
+    if not isinstance(cluster, int) or not isinstance(proc, int):
+        raise ConfigError(
+            f"the job ad {path} has no integer ClusterId and ProcId; give --job-id instead"
+        )
+    memory_mib = ad.get("requestmemory")
+    if not isinstance(memory_mib, int | float) or isinstance(memory_mib, bool):
+        memory_mib = None
+        machine_path = env.get("_CONDOR_MACHINE_AD")
+        if machine_path and os.path.exists(machine_path):
+            slot_memory = load_classad(machine_path).get("memory")
+            if isinstance(slot_memory, int | float) and not isinstance(slot_memory, bool):
+                memory_mib = slot_memory
+    vacate = ad.get("jobmaxvacatetime")
+    return CondorJob(
+        job_id=validate_job_id(f"{cluster}.{proc}"),
+        memory_limit_bytes=int(memory_mib * MIB) if memory_mib and memory_mib > 0 else None,
+        scratch_dir=env.get("_CONDOR_SCRATCH_DIR") or None,
+        max_vacate_seconds=float(vacate) if isinstance(vacate, int | float) else None,
+        error_file=env.get("_CONDOR_WRAPPER_ERROR_FILE") or None,
+    )
+
+
+def condor_grace(grace_seconds: float, max_vacate_seconds: float | None) -> float:
+    """Keep the grace period inside HTCondor's own vacate time.
+
+    HTCondor SIGKILLs the wrapper when JobMaxVacateTime runs out; a cage whose owner
+    is SIGKILLed is left for `jobcage reap`, so the cage must be torn down first.
+    """
+    if max_vacate_seconds is None:
+        return grace_seconds
+    return max(0.0, min(grace_seconds, max_vacate_seconds - 1.0))
+
+
+def chirp_attribute(field: str) -> str:
+    """``memory_peak_bytes`` -> ``JobCageMemoryPeakBytes``."""
+    return "JobCage" + "".join(part.capitalize() for part in field.split("_"))
+
+
+def chirp_usage(usage: Usage, exe: str | None = None) -> list[str]:
+    """Set the usage as job attributes with ``condor_chirp set_job_attr``.
+
+    Needs the job's I/O proxy (``+WantIOProxy = true``). Returns the failures, as one
+    line each; a failed chirp must not change the job's exit status.
+    """
+    exe = exe or shutil.which("condor_chirp")
+    if exe is None:
+        return []
+    failures = []
+    values = dataclasses.asdict(usage)
+    for name in CHIRP_FIELDS:
+        value = values.get(name)
+        if value is None:
+            continue
+        text = repr(round(value, 6)) if isinstance(value, float) else str(value)
+        try:
+            done = subprocess.run(
+                [exe, "set_job_attr", chirp_attribute(name), text],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=CHIRP_TIMEOUT_SECONDS,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            failures.append(f"condor_chirp set_job_attr {chirp_attribute(name)}: {e}")
+            break
+        if done.returncode != 0:
+            err = done.stderr.decode(errors="replace").strip().splitlines()
+            failures.append(
+                f"condor_chirp set_job_attr {chirp_attribute(name)} failed "
+                f"({err[-1] if err else f'status {done.returncode}'}); "
+                "is +WantIOProxy = true in the job?"
+            )
+            break
+    return failures
+
+
+def write_wrapper_error(path: str | None, message: str) -> None:
+    """Tell HTCondor why the wrapper could not start the job; it holds the job with it."""
+    if not path:
+        return
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        f.write(message + "\n")
+
+
+# -- Slurm -------------------------------------------------------------------------------
+
+
+def slurm_job_id(environ: Mapping[str, str] | None = None) -> str:
+    """``$SLURM_JOB_ID.$SLURM_STEP_ID``, plus ``.$SLURM_PROCID`` when the step has
+    several tasks (each task of an ``srun`` wrapper builds its own cage).
+
+    In the batch script itself no step id is set: that is Slurm's "batch" step.
+    """
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    if not job:
+        raise ConfigError(
+            "--batch slurm needs $SLURM_JOB_ID: run it inside a Slurm job, or give --job-id"
+        )
+    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or "batch"
+    parts = [job, step]
+    ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    procid = env.get("SLURM_PROCID")
+    if procid is not None and ntasks is not None and ntasks.isdigit() and int(ntasks) > 1:
+        parts.append(procid)
+    return validate_job_id(".".join(parts))

@@ -1,0 +1,477 @@
+"""``jobcage doctor``: is this node ready to cage jobs, and if not, what to do.
+
+Each check returns a :class:`Check` with a status and one line that says what was
+found and, when it is not OK, what to change. Checks only read the node: the veth
+probe runs in a throwaway network namespace (``unshare --net``), never in the node's
+own, and the firewall is only read (``iptables-*-save``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import ipaddress
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .cgroups import Hierarchies, open_backend, probe
+from .config import Config
+from .errors import JobCageError
+
+COMMAND_TIMEOUT_SECONDS = 10.0
+
+
+class Status(enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "status": self.status.value, "message": self.message}
+
+
+def ready(checks: list[Check]) -> bool:
+    """The node can run cages: no check failed (warnings cost features, not jobs)."""
+    return all(c.status is not Status.FAIL for c in checks)
+
+
+def run_checks(config: Config, *, network: bool = True) -> list[Check]:
+    """Every check, in the order an administrator fixes things.
+
+    ``network=False`` skips the network checks, for sites that never run ``--network``.
+    """
+    checks = [check_root(), *check_cgroups(config), check_state_dir(config)]
+    if network:
+        checks += [
+            check_netns(),
+            check_veth(),
+            *check_iptables(),
+            check_forwarding(),
+            check_uplink(config),
+            *check_addresses(config),
+        ]
+    return checks
+
+
+def _guard(name: str, fn: Callable[[], Check]) -> Check:
+    try:
+        return fn()
+    except (OSError, JobCageError, ValueError) as e:
+        return Check(name, Status.FAIL, f"the check itself failed: {e}")
+
+
+# -- privileges and cgroups ------------------------------------------------------------
+
+
+def check_root() -> Check:
+    if os.geteuid() == 0:
+        return Check("root", Status.OK, "running as root")
+    return Check(
+        "root",
+        Status.FAIL,
+        "not root: JobCage creates cgroups and namespaces; run it as root "
+        "(the batch system's starter or slurmstepd runs as root)",
+    )
+
+
+def check_cgroups(config: Config, hierarchies: Hierarchies | None = None) -> list[Check]:
+    h = hierarchies or probe()
+    try:
+        backend = open_backend(config, h)
+    except JobCageError as e:
+        return [Check("cgroup version", Status.FAIL, str(e))]
+    checks = []
+    where = "v2 (unified)" if backend.version == 2 else "v1 (a hierarchy per controller)"
+    checks.append(
+        Check(
+            "cgroup version",
+            Status.OK,
+            f"cages use cgroup {where}; config cgroup_version = {config.cgroup_version}",
+        )
+    )
+    for controller in ("freezer", "memory", "cpuacct", "blkio", "pids"):
+        checks.append(_controller_check(controller, backend.version, h))
+    checks.append(_kill_check(backend.version, h))
+    checks.append(_swap_check(backend.version, h))
+    checks.append(_parent_check(config, backend))
+    return checks
+
+
+_V2_NAMES = {"memory": "memory", "cpuacct": "cpu", "blkio": "io", "pids": "pids"}
+_FEATURE_LOST = {
+    "memory": "no memory limit, peak or OOM count",
+    "cpuacct": "no CPU time",
+    "blkio": "no block I/O bytes",
+    "pids": "no pids limit",
+}
+
+
+def _controller_check(controller: str, version: int, h: Hierarchies) -> Check:
+    name = f"cgroup {controller}"
+    if version == 1:
+        if controller in h.v1_mounts:
+            return Check(name, Status.OK, f"v1, mounted at {h.v1_mounts[controller]}")
+        if controller == "freezer":
+            return Check(
+                name,
+                Status.FAIL,
+                "v1 freezer is not mounted, so cages cannot be frozen and killed safely: "
+                "mount -t cgroup -o freezer cgroup /sys/fs/cgroup/freezer",
+            )
+        return Check(
+            name,
+            Status.WARN,
+            f"v1 {controller} is not mounted ({_FEATURE_LOST[controller]}): "
+            f"mount -t cgroup -o {controller} cgroup /sys/fs/cgroup/{controller}",
+        )
+    if controller == "freezer":
+        return Check(name, Status.OK, "v2: cgroup.freeze in every cgroup")
+    v2_name = _V2_NAMES[controller]
+    if v2_name in h.v2_controllers or controller == "cpuacct":
+        # cpu.stat's user/system times are core files, present without the controller.
+        return Check(name, Status.OK, f"v2 controller {v2_name} available")
+    return Check(
+        name,
+        Status.WARN,
+        f"v2 controller {v2_name} is not offered at the root ({_FEATURE_LOST[controller]}): "
+        f"it is bound to a v1 hierarchy; unmount that or boot with "
+        "systemd.unified_cgroup_hierarchy=1",
+    )
+
+
+def _kill_check(version: int, h: Hierarchies) -> Check:
+    name = "cgroup kill"
+    if version == 1:
+        return Check(name, Status.OK, "v1: freeze, SIGKILL every task, thaw")
+    own = os.path.join(h.v2_mount or "", (h.v2_own or "/").lstrip("/"))
+    probe_dir = own if own.rstrip("/") != (h.v2_mount or "").rstrip("/") else None
+    if probe_dir is None:
+        # The root cgroup has neither cgroup.kill nor cgroup.freeze; look at a child.
+        with contextlib.suppress(OSError):
+            probe_dir = next(
+                e.path for e in os.scandir(h.v2_mount or "/") if e.is_dir(follow_symlinks=False)
+            )
+    if probe_dir and os.path.exists(os.path.join(probe_dir, "cgroup.kill")):
+        return Check(name, Status.OK, "v2: cgroup.kill kills a cage in one write")
+    return Check(
+        name,
+        Status.WARN,
+        "v2 without cgroup.kill (Linux < 5.14): cages are killed by freeze, SIGKILL each "
+        "task, thaw, which is slower on large jobs; a newer kernel fixes it",
+    )
+
+
+def _swap_check(version: int, h: Hierarchies) -> Check:
+    name = "swap accounting"
+    if version == 1:
+        mount = h.v1_mounts.get("memory")
+        if mount is None:
+            return Check(name, Status.WARN, "no memory controller, so no swap accounting")
+        if os.path.exists(os.path.join(mount, "memory.memsw.limit_in_bytes")):
+            return Check(name, Status.OK, "memory.memsw.* present: limits cover RAM + swap")
+        return Check(
+            name,
+            Status.WARN,
+            "memory.memsw.* missing: a job can swap past its memory limit; boot with "
+            "swapaccount=1 (kernel CONFIG_MEMCG_SWAP)",
+        )
+    if "memory" not in h.v2_controllers:
+        return Check(name, Status.WARN, "no v2 memory controller, so no swap accounting")
+    own = os.path.join(h.v2_mount or "", (h.v2_own or "/").lstrip("/"))
+    if os.path.exists(os.path.join(own, "memory.swap.max")) or not os.path.exists(
+        os.path.join(own, "memory.max")
+    ):
+        return Check(name, Status.OK, "memory.swap.max available: cages get swap.max = 0")
+    return Check(
+        name,
+        Status.WARN,
+        "memory.swap.max missing: a job can swap past its memory limit; boot with "
+        "swapaccount=1 (kernel CONFIG_MEMCG_SWAP)",
+    )
+
+
+def _parent_check(config: Config, backend: object) -> Check:
+    name = "cgroup parent"
+    parents = list(getattr(backend, "parents", {}).values())
+    if getattr(backend, "parent", None):
+        parents.append(backend.parent)  # type: ignore[attr-defined]
+    missing = [p for p in parents if not os.path.isdir(os.path.dirname(p))]
+    if missing:
+        return Check(
+            name,
+            Status.FAIL,
+            f"the directory above the cgroup parent does not exist ({missing[0]}): "
+            "create it or set cgroup_parent in the config",
+        )
+    if config.cgroup_parent is None:
+        return Check(
+            name,
+            Status.WARN,
+            "cgroup_parent is not set, so each caller's own cgroup + jobcage/ is used and "
+            '`jobcage reap` run from cron looks elsewhere: set cgroup_parent = "/jobcage"',
+        )
+    if not os.path.basename(config.cgroup_parent.rstrip("/")).startswith("jobcage"):
+        return Check(
+            name,
+            Status.WARN,
+            f"cgroup_parent {config.cgroup_parent} does not start with 'jobcage', so "
+            "`jobcage reap` will not remove cgroups left without a record there",
+        )
+    return Check(name, Status.OK, f"cages go under {config.cgroup_parent}")
+
+
+def check_state_dir(config: Config) -> Check:
+    name = "state dir"
+    path = config.state_dir
+    probe_path = path
+    while not os.path.exists(probe_path):
+        probe_path = os.path.dirname(probe_path) or "/"
+    if not os.path.isdir(probe_path):
+        return Check(name, Status.FAIL, f"{probe_path} is not a directory: fix state_dir")
+    if not os.access(probe_path, os.W_OK | os.X_OK):
+        return Check(
+            name,
+            Status.FAIL,
+            f"{probe_path} is not writable: run as root or set state_dir to a writable "
+            "local directory",
+        )
+    if probe_path != path:
+        return Check(name, Status.OK, f"{path} will be created (under {probe_path})")
+    return Check(name, Status.OK, f"{path} is writable")
+
+
+# -- network ---------------------------------------------------------------------------
+
+
+def check_netns() -> Check:
+    name = "network namespaces"
+    if not os.path.exists("/proc/self/ns/net"):
+        return Check(
+            name, Status.FAIL, "no network namespaces (kernel CONFIG_NET_NS): --network cannot work"
+        )
+    return _run_probe(
+        name,
+        ["unshare", "--net", "true"],
+        "can create a network namespace",
+        "cannot create a network namespace (CONFIG_NET_NS, or a seccomp/container policy)",
+    )
+
+
+def check_veth() -> Check:
+    # Inside a throwaway namespace, which takes the pair with it when `unshare` exits.
+    return _run_probe(
+        "veth",
+        ["unshare", "--net", "ip", "link", "add", "jcdoctor0", "type", "veth", "peer", "jcdoctor1"],
+        "can create a veth pair",
+        "cannot create a veth pair: load the veth module (modprobe veth; CONFIG_VETH)",
+    )
+
+
+def _run_probe(name: str, argv: list[str], ok: str, fail: str) -> Check:
+    if shutil.which(argv[0]) is None or (argv[2] == "ip" and shutil.which("ip") is None):
+        return Check(name, Status.WARN, f"cannot check: {argv[0]} or ip is not installed")
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, timeout=COMMAND_TIMEOUT_SECONDS, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Check(name, Status.FAIL, f"{fail} ({e})")
+    if done.returncode == 0:
+        return Check(name, Status.OK, ok)
+    err = done.stderr.decode(errors="replace").strip().splitlines()
+    return Check(name, Status.FAIL, f"{fail}: {err[-1] if err else done.returncode}")
+
+
+def iptables_backend() -> str | None:
+    """"legacy" or "nf_tables": what ``iptables --version`` says it drives, if installed."""
+    exe = shutil.which("iptables")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--version"], capture_output=True, timeout=COMMAND_TIMEOUT_SECONDS, check=False
+        ).stdout.decode()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if "nf_tables" in out:
+        return "nf_tables"
+    if "legacy" in out:
+        return "legacy"
+    return "legacy" if out.startswith("iptables v") else None
+
+
+def count_rules(save_command: str) -> int | None:
+    """Rules (``-A`` lines) that ``iptables-legacy-save``/``iptables-nft-save`` print."""
+    exe = shutil.which(save_command)
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run(
+            [exe], capture_output=True, timeout=COMMAND_TIMEOUT_SECONDS, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return sum(1 for line in done.stdout.decode(errors="replace").splitlines() if line[:3] == "-A ")
+
+
+def check_iptables() -> list[Check]:
+    name = "iptables"
+    backend = iptables_backend()
+    if backend is None:
+        return [
+            Check(name, Status.FAIL, "iptables is not installed: apt-get install iptables")
+        ]
+    checks = [Check(name, Status.OK, f"iptables drives the {backend} backend")]
+    legacy, nft = count_rules("iptables-legacy-save"), count_rules("iptables-nft-save")
+    if legacy and nft:
+        checks.append(
+            Check(
+                "iptables backends",
+                Status.WARN,
+                f"both backends hold rules (legacy {legacy}, nf_tables {nft}): the kernel "
+                "runs both, and rules in one are invisible to the other's tools; move every "
+                f"tool (docker, firewalld, ...) to the {backend} backend "
+                "(update-alternatives --config iptables)",
+            )
+        )
+    return checks
+
+
+def check_forwarding() -> Check:
+    name = "forwarding"
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            value = f.read().strip()
+    except OSError as e:
+        return Check(name, Status.FAIL, f"cannot read net.ipv4.ip_forward: {e.strerror}")
+    if value == "1":
+        return Check(name, Status.OK, "net.ipv4.ip_forward = 1")
+    return Check(
+        name,
+        Status.WARN,
+        "net.ipv4.ip_forward = 0: networked cages cannot reach beyond the node; set "
+        "net.ipv4.ip_forward = 1 in /etc/sysctl.d/90-jobcage.conf and run sysctl --system",
+    )
+
+
+def default_route_interface(route_file: str = "/proc/net/route") -> str | None:
+    """The interface of the IPv4 default route, from the kernel's routing table."""
+    try:
+        with open(route_file) as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
+            return fields[0]
+    return None
+
+
+def check_uplink(config: Config) -> Check:
+    name = "uplink"
+    uplink = config.uplink or default_route_interface()
+    if uplink is None:
+        return Check(
+            name,
+            Status.FAIL,
+            "no uplink: the node has no IPv4 default route and uplink is not set in the "
+            "config; set uplink = \"eth0\" (the interface cages are NATed to)",
+        )
+    where = "configured" if config.uplink else "from the default route"
+    base = f"/sys/class/net/{uplink}"
+    if not os.path.isdir(base):
+        return Check(
+            name, Status.FAIL, f"uplink {uplink} ({where}) does not exist: fix uplink in the config"
+        )
+    try:
+        with open(os.path.join(base, "operstate")) as f:
+            state = f.read().strip()
+    except OSError:
+        state = "unknown"
+    if state not in {"up", "unknown"}:
+        return Check(name, Status.WARN, f"uplink {uplink} ({where}) is {state}")
+    return Check(name, Status.OK, f"uplink {uplink} ({where}), {state}")
+
+
+def check_addresses(config: Config) -> list[Check]:
+    checks = []
+    try:
+        pool = ipaddress.IPv4Network(config.address_pool)
+    except ValueError as e:
+        return [Check("address pool", Status.FAIL, f"address_pool: {e}")]
+    campus = []
+    for text in config.campus_networks:
+        try:
+            campus.append(ipaddress.IPv4Network(text))
+        except ValueError as e:
+            checks.append(Check("campus networks", Status.FAIL, f"campus_networks: {e}"))
+    if not config.campus_networks:
+        checks.append(
+            Check(
+                "campus networks",
+                Status.WARN,
+                "campus_networks is empty: all of a job's traffic is counted as off-campus "
+                '(WAN); set e.g. campus_networks = ["129.93.0.0/16"]',
+            )
+        )
+    elif campus and len(campus) == len(config.campus_networks):
+        checks.append(
+            Check(
+                "campus networks",
+                Status.OK,
+                f"traffic to {', '.join(map(str, campus))} counts as LAN, the rest as WAN",
+            )
+        )
+    clash = [str(c) for c in campus if c.overlaps(pool)]
+    clash += [str(a) for a in local_networks() if a.overlaps(pool)]
+    if clash:
+        checks.append(
+            Check(
+                "address pool",
+                Status.FAIL,
+                f"address_pool {pool} overlaps {', '.join(clash)}: choose a range the node "
+                "and campus do not use",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                "address pool",
+                Status.OK,
+                f"{pool}: {pool.num_addresses // 4} cages of a /30 each, clear of the node's "
+                "networks",
+            )
+        )
+    return checks
+
+
+def local_networks(route_file: str = "/proc/net/route") -> list[ipaddress.IPv4Network]:
+    """The node's directly routed IPv4 networks (not the default route)."""
+    out = []
+    try:
+        with open(route_file) as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return out
+    for line in lines:
+        fields = line.split()
+        if len(fields) <= 7 or fields[1] == "00000000" or fields[0].startswith("jc"):
+            continue  # the default route, or a cage's own veth
+        dest = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
+        mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
+        with contextlib.suppress(ValueError):
+            out.append(ipaddress.IPv4Network(f"{dest}/{mask}"))
+    return out

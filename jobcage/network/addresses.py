@@ -1,0 +1,158 @@
+"""The address pool: one small subnet per cage, leased so that cages created at the
+same moment by different processes never share one.
+
+A lease is a file ``<state_dir>/network/leases/<index>`` holding the job id, created
+with O_EXCL while holding an flock on ``<state_dir>/network/leases.lock``. Files
+rather than one JSON map because a process killed half-way can only leave a whole
+lease behind, never a torn map, and an administrator can read who holds which
+address with ``ls``/``cat``. Leases of dead owners are released by `jobcage reap`
+from the cage record.
+
+Each cage takes a /30 (RFC 3021 /31s would double the pool, but some tools still
+treat the two addresses of a /31 as network and broadcast): the node side gets the
+first host address, the job the second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from ..errors import AddressPoolExhaustedError, ConfigError, NetworkError
+
+CAGE_PREFIXLEN = 30
+
+
+@dataclass(frozen=True)
+class Lease:
+    index: int
+    subnet: ipaddress.IPv4Network
+    host: ipaddress.IPv4Interface  # the node side of the veth
+    job: ipaddress.IPv4Interface  # eth0 inside the cage
+
+
+class AddressPool:
+    """Pure arithmetic over the pool: which subnet an index is, which index is free."""
+
+    def __init__(self, pool: str, prefixlen: int = CAGE_PREFIXLEN) -> None:
+        try:
+            self.network = ipaddress.IPv4Network(pool)
+        except ValueError as e:
+            raise ConfigError(
+                f"address_pool = {pool!r} is not an IPv4 network ({e}); give a CIDR such "
+                "as 100.64.0.0/16"
+            ) from None
+        if self.network.prefixlen > prefixlen:
+            raise ConfigError(
+                f"address_pool {self.network} is smaller than one cage's /{prefixlen}; "
+                "give a larger pool, e.g. 100.64.0.0/16"
+            )
+        self.prefixlen = prefixlen
+        self.size = 1 << (prefixlen - self.network.prefixlen)
+
+    def lease(self, index: int) -> Lease:
+        if not 0 <= index < self.size:
+            raise ValueError(f"index {index} is outside the pool of {self.size}")
+        base = int(self.network.network_address) + (index << (32 - self.prefixlen))
+        subnet = ipaddress.IPv4Network((base, self.prefixlen))
+        return Lease(
+            index=index,
+            subnet=subnet,
+            host=ipaddress.IPv4Interface((base + 1, self.prefixlen)),
+            job=ipaddress.IPv4Interface((base + 2, self.prefixlen)),
+        )
+
+    def first_free(self, taken: Iterable[int]) -> int:
+        """Lowest index not in ``taken``; low indexes first keeps addresses readable."""
+        used = set(taken)
+        for index in range(self.size):
+            if index not in used:
+                return index
+        raise AddressPoolExhaustedError(
+            f"all {self.size} addresses of the pool {self.network} are leased (one /"
+            f"{self.prefixlen} per networked cage); wait for jobs to end, run `jobcage "
+            "reap` to release the leases of dead cages, or set a larger address_pool"
+        )
+
+    def overlapping(self, networks: Iterable[str]) -> list[str]:
+        """The networks among ``networks`` that overlap the pool."""
+        return [n for n in networks if ipaddress.IPv4Network(n, strict=False).overlaps(self.network)]
+
+
+class LeaseStore:
+    """The leases of one node, under ``<state_dir>/network``."""
+
+    def __init__(self, state_dir: str, pool: AddressPool) -> None:
+        self.pool = pool
+        self.dir = os.path.join(state_dir, "network")
+        self.leases_dir = os.path.join(self.dir, "leases")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            os.makedirs(self.leases_dir, mode=0o755, exist_ok=True)
+            fd = os.open(os.path.join(self.dir, "leases.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise NetworkError(
+                f"cannot use the lease directory {self.leases_dir}: {e.strerror}; set "
+                "state_dir in the config to a writable local directory"
+            ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _taken(self) -> dict[int, str]:
+        held: dict[int, str] = {}
+        for name in os.listdir(self.leases_dir):
+            if name.isdigit():
+                held[int(name)] = _read(os.path.join(self.leases_dir, name))
+        return held
+
+    def held(self) -> dict[int, str]:
+        """index -> job id of every lease now."""
+        with self._locked():
+            return self._taken()
+
+    def acquire(self, job_id: str) -> tuple[Lease, bool]:
+        """Lease the lowest free subnet to ``job_id``; also say whether it is the only
+        lease (the first cage on the node, which sets up what cages share)."""
+        with self._locked():
+            taken = self._taken()
+            index = self.pool.first_free(taken)
+            path = os.path.join(self.leases_dir, str(index))
+            # O_EXCL as well as the lock: a lease written by a process that does not
+            # take the lock (an older JobCage) is still never overwritten.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, job_id.encode())
+            finally:
+                os.close(fd)
+            return self.pool.lease(index), not taken
+
+    def release(self, index: int, job_id: str) -> None:
+        """Give the lease back; a lease since given to another job is left alone."""
+        with self._locked():
+            path = os.path.join(self.leases_dir, str(index))
+            try:
+                if _read(path) != job_id:
+                    return
+                os.unlink(path)
+            except FileNotFoundError:
+                return
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return ""
+        raise

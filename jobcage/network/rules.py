@@ -1,0 +1,270 @@
+"""The rule layout of the network cages, as plain data: what to install, and which
+counters mean what. No kernel calls here, so it is unit-tested without root.
+
+Layout (filter table; ``jc+`` matches every cage's node-side veth)::
+
+    FORWARD      -i jc+ -j JOBCAGE-FWD-TX     (job -> anywhere but the node)
+    FORWARD      -o jc+ -j JOBCAGE-FWD-RX     (anywhere -> job)
+    INPUT        -i jc+ -j JOBCAGE-NODE-TX    (job -> the node itself)
+    OUTPUT       -o jc+ -j JOBCAGE-NODE-RX    (the node itself -> job)
+
+    JOBCAGE-FWD-TX    -i jc<h>h -j JC-<h>-FTX      one jump per cage in each of
+    JOBCAGE-FWD-RX    -o jc<h>h -j JC-<h>-FRX      the four shared chains: the only
+    JOBCAGE-NODE-TX   -i jc<h>h -j JC-<h>-NTX      part a packet walks that grows
+    JOBCAGE-NODE-RX   -o jc<h>h -j JC-<h>-NRX      with the number of cages
+
+    nat POSTROUTING   -s POOL -j JOBCAGE-POSTROUTING
+    JOBCAGE-POSTROUTING  -o UPLINK -j MASQUERADE
+
+Each per-cage chain ends in a verdict (ACCEPT, DROP or REJECT), so a packet that
+entered it never comes back to walk the other cages' jumps; the packet and byte
+counters of its ACCEPT rules are the job's accounting. Traffic of the node that is
+not a cage's (``-i``/``-o`` not ``jc+``) skips all of it after one rule per builtin
+chain.
+
+Counters count IP packets as the kernel sees them in the filter hooks: the IP header
+and everything above it, no Ethernet header; GRO/GSO super-packets count once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ..ids import VETH_PREFIX
+
+# Shared chains, made with the first cage on a node and removed with the last.
+FWD_TX_CHAIN = "JOBCAGE-FWD-TX"
+FWD_RX_CHAIN = "JOBCAGE-FWD-RX"
+NODE_TX_CHAIN = "JOBCAGE-NODE-TX"
+NODE_RX_CHAIN = "JOBCAGE-NODE-RX"
+NAT_CHAIN = "JOBCAGE-POSTROUTING"
+SHARED_PREFIX = "JOBCAGE-"
+# Per-cage chains: "JC-" + 12 hex digits of the job id's hash + a suffix; iptables
+# chain names may be up to 28 bytes (XT_EXTENSION_MAXNAMELEN - 1 in the kernel's
+# x_tables.h), these take 19.
+CAGE_CHAIN_PREFIX = "JC-"
+VETH_WILDCARD = VETH_PREFIX + "+"
+
+# Which class a counting rule adds to.
+LAN_TX, LAN_RX, WAN_TX, WAN_RX = "lan_tx", "lan_rx", "wan_tx", "wan_rx"
+
+ESTABLISHED = "RELATED,ESTABLISHED"
+
+
+@dataclass(frozen=True)
+class NetCounters:
+    """Bytes and packets of one job, split LAN/WAN; rx is into the job, tx out of it."""
+
+    net_lan_rx_bytes: int = 0
+    net_lan_tx_bytes: int = 0
+    net_wan_rx_bytes: int = 0
+    net_wan_tx_bytes: int = 0
+    net_lan_rx_packets: int = 0
+    net_lan_tx_packets: int = 0
+    net_wan_rx_packets: int = 0
+    net_wan_tx_packets: int = 0
+
+    def __add__(self, other: NetCounters) -> NetCounters:
+        return NetCounters(
+            **{
+                f.name: getattr(self, f.name) + getattr(other, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """One iptables rule, backend-neutral. ``None`` fields do not match on anything."""
+
+    target: str
+    in_interface: str | None = None
+    out_interface: str | None = None
+    source: str | None = None
+    source_inverted: bool = False
+    destination: str | None = None
+    ctstate: str | None = None
+    reject_with: str | None = None
+    # The class this rule's counters add to; None for rules that do not count.
+    counts: str | None = None
+
+    def to_iptables(self) -> str:
+        """The rule as `iptables -A` arguments: for docs, error texts and tests."""
+        parts: list[str] = []
+        if self.in_interface:
+            parts += ["-i", self.in_interface]
+        if self.out_interface:
+            parts += ["-o", self.out_interface]
+        if self.source:
+            parts += (["!"] if self.source_inverted else []) + ["-s", self.source]
+        if self.destination:
+            parts += ["-d", self.destination]
+        if self.ctstate:
+            parts += ["-m", "conntrack", "--ctstate", self.ctstate]
+        parts += ["-j", self.target]
+        if self.reject_with:
+            parts += ["--reject-with", self.reject_with]
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    name: str
+    rules: tuple[RuleSpec, ...]
+
+
+@dataclass(frozen=True)
+class Jump:
+    """A rule in ``chain`` (builtin or shared) whose target is one of our chains."""
+
+    chain: str
+    rule: RuleSpec
+
+
+@dataclass(frozen=True)
+class SharedPlan:
+    """What every cage on the node shares: four filter chains, the NAT, the jumps."""
+
+    pool: str
+    uplink: str
+
+    @property
+    def filter_chains(self) -> tuple[str, ...]:
+        return (FWD_TX_CHAIN, FWD_RX_CHAIN, NODE_TX_CHAIN, NODE_RX_CHAIN)
+
+    @property
+    def filter_jumps(self) -> tuple[Jump, ...]:
+        return (
+            Jump("FORWARD", RuleSpec(FWD_TX_CHAIN, in_interface=VETH_WILDCARD)),
+            Jump("FORWARD", RuleSpec(FWD_RX_CHAIN, out_interface=VETH_WILDCARD)),
+            Jump("INPUT", RuleSpec(NODE_TX_CHAIN, in_interface=VETH_WILDCARD)),
+            Jump("OUTPUT", RuleSpec(NODE_RX_CHAIN, out_interface=VETH_WILDCARD)),
+        )
+
+    @property
+    def nat_chain(self) -> ChainSpec:
+        return ChainSpec(NAT_CHAIN, (RuleSpec("MASQUERADE", out_interface=self.uplink),))
+
+    @property
+    def nat_jump(self) -> Jump:
+        return Jump("POSTROUTING", RuleSpec(NAT_CHAIN, source=self.pool))
+
+
+@dataclass(frozen=True)
+class CagePlan:
+    """Every chain and jump of one cage, and so which counter is which class."""
+
+    cage_hash: str
+    host_veth: str
+    address: str  # the job's address, without prefix length
+    pool: str
+    campus_networks: tuple[str, ...]
+    allow_node_access: bool
+
+    def chain_name(self, suffix: str) -> str:
+        return f"{CAGE_CHAIN_PREFIX}{self.cage_hash}-{suffix}"
+
+    @property
+    def chains(self) -> tuple[ChainSpec, ...]:
+        own = f"{self.address}/32"
+        # The campus list is checked first; overlapping campus networks still count a
+        # packet once because the first ACCEPT ends the chain.
+        fwd_tx = [
+            # Anti-spoof: only the cage's own address may leave its veth.
+            RuleSpec("DROP", source=own, source_inverted=True),
+            # Cage to cage: a job never reaches another job (replies would be dropped by
+            # the other cage's FRX chain anyway; this also keeps them out of the bill).
+            RuleSpec("DROP", destination=self.pool),
+            *(RuleSpec("ACCEPT", destination=net, counts=LAN_TX) for net in self.campus_networks),
+            RuleSpec("ACCEPT", counts=WAN_TX),
+        ]
+        # Inbound: only replies to what the job opened. In FORWARD the reply has been
+        # de-NATed already (conntrack, PREROUTING), so its source is the far host.
+        fwd_rx = [
+            *(
+                RuleSpec("ACCEPT", source=net, ctstate=ESTABLISHED, counts=LAN_RX)
+                for net in self.campus_networks
+            ),
+            RuleSpec("ACCEPT", ctstate=ESTABLISHED, counts=WAN_RX),
+            RuleSpec("DROP"),
+        ]
+        # Job <-> node traffic never passes FORWARD; it is LAN by definition.
+        node_tx = [
+            RuleSpec("DROP", source=own, source_inverted=True),
+            RuleSpec("ACCEPT", ctstate=ESTABLISHED, counts=LAN_TX),
+            RuleSpec("ACCEPT", counts=LAN_TX)
+            if self.allow_node_access
+            # REJECT rather than DROP: a job that tries the node fails at once instead
+            # of hanging in connect() until its timeout.
+            else RuleSpec("REJECT", reject_with="icmp-admin-prohibited"),
+        ]
+        node_rx = [
+            RuleSpec("ACCEPT", ctstate=ESTABLISHED, counts=LAN_RX),
+            RuleSpec("DROP"),
+        ]
+        return (
+            ChainSpec(self.chain_name("FTX"), tuple(fwd_tx)),
+            ChainSpec(self.chain_name("FRX"), tuple(fwd_rx)),
+            ChainSpec(self.chain_name("NTX"), tuple(node_tx)),
+            ChainSpec(self.chain_name("NRX"), tuple(node_rx)),
+        )
+
+    @property
+    def chain_names(self) -> tuple[str, ...]:
+        return tuple(self.chain_name(s) for s in ("FTX", "FRX", "NTX", "NRX"))
+
+    @property
+    def jumps(self) -> tuple[Jump, ...]:
+        ftx, frx, ntx, nrx = self.chain_names
+        return (
+            Jump(FWD_TX_CHAIN, RuleSpec(ftx, in_interface=self.host_veth)),
+            Jump(FWD_RX_CHAIN, RuleSpec(frx, out_interface=self.host_veth)),
+            Jump(NODE_TX_CHAIN, RuleSpec(ntx, in_interface=self.host_veth)),
+            Jump(NODE_RX_CHAIN, RuleSpec(nrx, out_interface=self.host_veth)),
+        )
+
+
+def cage_plan(
+    *,
+    cage_hash: str,
+    host_veth: str,
+    address: ipaddress.IPv4Address | str,
+    pool: str,
+    campus_networks: Iterable[str],
+    allow_node_access: bool,
+) -> CagePlan:
+    return CagePlan(
+        cage_hash=cage_hash,
+        host_veth=host_veth,
+        address=str(address),
+        pool=str(ipaddress.IPv4Network(pool)),
+        campus_networks=tuple(str(ipaddress.IPv4Network(n)) for n in campus_networks),
+        allow_node_access=allow_node_access,
+    )
+
+
+def classify(plan: CagePlan, chain_counters: Sequence[Sequence[tuple[int, int]]]) -> NetCounters:
+    """Sum (packets, bytes) per rule, given in the order of ``plan.chains``, by class.
+
+    A chain whose counters are shorter than the plan (the rules were half removed) is
+    summed as far as it goes: a bill must not invent bytes.
+    """
+    totals = {c: [0, 0] for c in (LAN_TX, LAN_RX, WAN_TX, WAN_RX)}
+    for chain, counters in zip(plan.chains, chain_counters, strict=True):
+        for rule, (packets, nbytes) in zip(chain.rules, counters, strict=False):
+            if rule.counts is not None:
+                totals[rule.counts][0] += packets
+                totals[rule.counts][1] += nbytes
+    return NetCounters(
+        net_lan_rx_bytes=totals[LAN_RX][1],
+        net_lan_tx_bytes=totals[LAN_TX][1],
+        net_wan_rx_bytes=totals[WAN_RX][1],
+        net_wan_tx_bytes=totals[WAN_TX][1],
+        net_lan_rx_packets=totals[LAN_RX][0],
+        net_lan_tx_packets=totals[LAN_TX][0],
+        net_wan_rx_packets=totals[WAN_RX][0],
+        net_wan_tx_packets=totals[WAN_TX][0],
+    )
