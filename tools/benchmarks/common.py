@@ -46,6 +46,23 @@ def measure(name: str, fn: Callable[[], object], runs: int, warmup: int = 2) -> 
     return Figure(name, samples)
 
 
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]], runs: int, warmup: int = 2
+) -> dict[str, Figure]:
+    """Measure several variants in round-robin, so that load from elsewhere on a shared
+    machine falls on all of them alike and the ratios stay meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t) * 1000)
+    return {name: Figure(name, s) for name, s in samples.items()}
+
+
 def ratio(figure: Figure, reference: Figure) -> float:
     return round(figure.median / reference.median, 2) if reference.median else float("nan")
 

@@ -19,7 +19,7 @@ import uuid
 from jobcage import Config, JobCage
 from jobcage.cgroups import probe
 
-from .common import measure, ratio
+from .common import measure_interleaved, ratio
 
 CONTROLLERS = ("freezer", "memory", "cpuacct", "blkio", "pids")
 
@@ -37,8 +37,15 @@ def run(runs: int) -> dict:
         ) as cage:
             cage.spawn(["true"]).wait()
 
+    def empty_cycle() -> None:
+        with JobCage(f"e{next(counter)}", config=config):
+            pass
+
     def floor_cycle() -> None:
         name = f"f{next(counter)}"
+        for m in mounts.values():  # a JobCage cycle removes the empty parent
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(m, parent.lstrip("/")))
         where = {c: os.path.join(m, parent.lstrip("/"), name) for c, m in mounts.items()}
         dirs = list(where.values())
         for d in dirs:
@@ -65,11 +72,17 @@ def run(runs: int) -> dict:
         subprocess.run(["sh", "-c", recipe, "sh", f"r{next(counter)}"], check=True)
 
     try:
-        ours = measure("jobcage", jobcage_cycle, runs)
-        for m in mounts.values():
-            os.makedirs(os.path.join(m, parent.lstrip("/")), exist_ok=True)
-        floor = measure("floor", floor_cycle, runs)
-        scripted = measure("recipe", recipe_cycle, runs)
+        figures = measure_interleaved(
+            {
+                "jobcage": jobcage_cycle,
+                "empty": empty_cycle,
+                "floor": floor_cycle,
+                "recipe": recipe_cycle,
+            },
+            runs,
+        )
+        ours, empty = figures["jobcage"], figures["empty"]
+        floor, scripted = figures["floor"], figures["recipe"]
     finally:
         for m in mounts.values():
             with contextlib.suppress(OSError):
@@ -78,6 +91,7 @@ def run(runs: int) -> dict:
     return {
         "cgroup_only": {
             "jobcage": ours.as_dict(),
+            "jobcage_empty_create_destroy": empty.as_dict(),
             "floor": floor.as_dict(),
             "recipe": scripted.as_dict(),
             "jobcage_vs_floor": ratio(ours, floor),
