@@ -116,7 +116,6 @@ class CondorJob:
     scratch_dir: str | None
     # The time HTCondor waits between its soft kill (SIGTERM) and SIGKILL.
     max_vacate_seconds: float | None
-    error_file: str | None
 
 
 def condor_job(environ: Mapping[str, str] | None = None) -> CondorJob:
@@ -152,7 +151,6 @@ def condor_job(environ: Mapping[str, str] | None = None) -> CondorJob:
         memory_limit_bytes=int(memory_mib * MIB) if memory_mib and memory_mib > 0 else None,
         scratch_dir=env.get("_CONDOR_SCRATCH_DIR") or None,
         max_vacate_seconds=float(vacate) if isinstance(vacate, int | float) else None,
-        error_file=env.get("_CONDOR_WRAPPER_ERROR_FILE") or None,
     )
 
 

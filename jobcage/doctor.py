@@ -256,9 +256,7 @@ def check_state_dir(config: Config) -> Check:
 def check_netns() -> Check:
     name = "network namespaces"
     if not os.path.exists("/proc/self/ns/net"):
-        return Check(
-            name, Status.FAIL, "no network namespaces (kernel CONFIG_NET_NS): --network cannot work"
-        )
+        return Check(name, Status.FAIL, "no network namespaces (CONFIG_NET_NS): --network fails")
     return _run_probe(
         name,
         ["unshare", "--net", "true"],
@@ -271,7 +269,7 @@ def check_veth() -> Check:
     # Inside a throwaway namespace, which takes the pair with it when `unshare` exits.
     return _run_probe(
         "veth",
-        ["unshare", "--net", "ip", "link", "add", "jcdoctor0", "type", "veth", "peer", "jcdoctor1"],
+        ["unshare", "--net", "ip", "link", "add", "jcd0", "type", "veth", "peer", "jcd1"],
         "can create a veth pair",
         "cannot create a veth pair: load the veth module (modprobe veth; CONFIG_VETH)",
     )
@@ -292,60 +290,34 @@ def _run_probe(name: str, argv: list[str], ok: str, fail: str) -> Check:
     return Check(name, Status.FAIL, f"{fail}: {err[-1] if err else done.returncode}")
 
 
-def iptables_backend() -> str | None:
-    """"legacy" or "nf_tables": what ``iptables --version`` says it drives, if installed."""
-    exe = shutil.which("iptables")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run(
-            [exe, "--version"], capture_output=True, timeout=COMMAND_TIMEOUT_SECONDS, check=False
-        ).stdout.decode()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if "nf_tables" in out:
-        return "nf_tables"
-    if "legacy" in out:
-        return "legacy"
-    return "legacy" if out.startswith("iptables v") else None
-
-
-def count_rules(save_command: str) -> int | None:
-    """Rules (``-A`` lines) that ``iptables-legacy-save``/``iptables-nft-save`` print."""
-    exe = shutil.which(save_command)
-    if exe is None:
-        return None
-    try:
-        done = subprocess.run(
-            [exe], capture_output=True, timeout=COMMAND_TIMEOUT_SECONDS, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode != 0:
-        return None
-    return sum(1 for line in done.stdout.decode(errors="replace").splitlines() if line[:3] == "-A ")
-
-
 def check_iptables() -> list[Check]:
+    """The node's iptables flavour, and a warning when rules live in both backends.
+
+    Detection is the network side's (``jobcage.network.firewall.firewall_report``):
+    it knows which backend JobCage's own rules use.
+    """
     name = "iptables"
-    backend = iptables_backend()
-    if backend is None:
-        return [
-            Check(name, Status.FAIL, "iptables is not installed: apt-get install iptables")
-        ]
-    checks = [Check(name, Status.OK, f"iptables drives the {backend} backend")]
-    legacy, nft = count_rules("iptables-legacy-save"), count_rules("iptables-nft-save")
-    if legacy and nft:
-        checks.append(
-            Check(
-                "iptables backends",
-                Status.WARN,
-                f"both backends hold rules (legacy {legacy}, nf_tables {nft}): the kernel "
-                "runs both, and rules in one are invisible to the other's tools; move every "
-                f"tool (docker, firewalld, ...) to the {backend} backend "
-                "(update-alternatives --config iptables)",
-            )
+    try:
+        from .network.firewall import firewall_report
+    except ImportError as e:
+        return [Check(name, Status.WARN, f"cannot check: the network side is missing ({e})")]
+    report = firewall_report()
+    if report.node_iptables == "missing":
+        return [Check(name, Status.FAIL, "iptables is not installed: apt-get install iptables")]
+    counts = ", ".join(
+        f"{n} {c} rule(s)"
+        for n, c in (("legacy", report.legacy_rules), ("nf_tables", report.nft_rules))
+        if c is not None
+    )
+    checks = [
+        Check(
+            name,
+            Status.OK,
+            f"the node's iptables is {report.node_iptables}, JobCage writes "
+            f"{report.jobcage_backend} rules" + (f" ({counts})" if counts else ""),
         )
+    ]
+    checks += [Check("iptables backends", Status.WARN, w) for w in report.warnings]
     return checks
 
 
@@ -388,14 +360,12 @@ def check_uplink(config: Config) -> Check:
             name,
             Status.FAIL,
             "no uplink: the node has no IPv4 default route and uplink is not set in the "
-            "config; set uplink = \"eth0\" (the interface cages are NATed to)",
+            'config; set uplink = "eth0" (the interface cages are NATed to)',
         )
     where = "configured" if config.uplink else "from the default route"
     base = f"/sys/class/net/{uplink}"
     if not os.path.isdir(base):
-        return Check(
-            name, Status.FAIL, f"uplink {uplink} ({where}) does not exist: fix uplink in the config"
-        )
+        return Check(name, Status.FAIL, f"uplink {uplink} ({where}) does not exist: fix uplink")
     try:
         with open(os.path.join(base, "operstate")) as f:
             state = f.read().strip()

@@ -15,6 +15,10 @@ record a later run picks up again. A cgroup directory with no record is removed 
 while the reaper holds a claim on that job id itself, so a cage that claims the id a
 moment later fails cleanly (CageExistsError) instead of losing its cgroup.
 
+An owner killed inside ``NetworkCage.create`` leaves ``network: null`` in its record
+while a netns and lease may exist: they carry the job id, and the network orphan pass,
+which runs after the record is gone, removes them.
+
 The final usage of a reaped cage is saved to ``<state_dir>/usage/<job id>.json``: the
 batch system never got it from the dead owner, and an accounting job can pick it up.
 """
@@ -25,12 +29,10 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .admin import (
-    STATE_BUILDING,
     STATE_REAPING,
     STATE_TEARDOWN_FAILED,
     open_cage_cgroup,
@@ -41,7 +43,7 @@ from .admin import (
 from .cgroups import open_backend
 from .cgroups.base import rmdir_if_empty, rmdir_tree
 from .config import Config
-from .errors import CageExistsError, InvalidJobIdError, JobCageError, KernelFeatureError
+from .errors import CageExistsError, InvalidJobIdError, JobCageError
 from .ids import NAME_PREFIX, validate_job_id
 from .state import StateStore, owner_alive, process_start_ticks
 from .usage import Usage
@@ -203,7 +205,6 @@ def _reap_record(
             cage.removed.append("network side")
     except (ImportError, JobCageError, OSError) as e:
         cage.errors.append(f"removing the network side failed: {e}")
-    _destroy_network_by_id(config, record, cage)
     try:
         cage.usage = _final_usage(record, cgroup, net_counters, end, cage)
     except (OSError, ValueError) as e:
@@ -375,6 +376,11 @@ def _reap_orphan_cgroups(store: StateStore, config: Config, dry_run: bool) -> li
         with _claimed(store, job_id, "no-record") as ours:
             if not ours:
                 continue  # a cage claimed this id since we looked: it is live
+            # A cage being destroyed removes its cgroups, then its record: seen half-way
+            # through, its directories are gone by the time its record is.
+            paths = {c: p for c, p in paths.items() if os.path.isdir(p)}
+            if not paths:
+                continue
             try:
                 cgroup = open_cage_cgroup(
                     {"cgroup": {"version": 2 if "unified" in paths else 1, "paths": paths}},
@@ -392,68 +398,89 @@ def _reap_orphan_cgroups(store: StateStore, config: Config, dry_run: bool) -> li
 
 
 def _reap_orphan_network(store: StateStore, config: Config, dry_run: bool) -> list[ReapedCage]:
-    """Network objects (netns, veth, chains, addresses) with JobCage's names, no record.
+    """Network objects with JobCage's names and no record (``jobcage.network.find_orphans``).
 
-    HOOK: the network side is built by :mod:`jobcage.network`, which alone knows how
-    its names map back to job ids. It is expected to offer
-    ``find_orphans(config) -> Iterable[obj]`` with ``obj.job_id`` (str or None when
-    the name does not carry one), ``str(obj)`` for the report, and ``obj.remove()``.
-    Until it does, this pass finds nothing.
+    Only for a state dir that has held a networked cage (its ``network/`` dir exists,
+    made by the first lease): node-wide names such as /run/netns/jobcage-* are seen from
+    every state dir, and one that never held a network cage owns none of them.
+
+    find_orphans reads the records, then the kernel. An object listed by a first call
+    and again by a second existed before the second read the records, and no record
+    named it then; a cage's record outlives its objects, so the object is no live
+    cage's. netns and leases carry the job id and are removed under a claim on it,
+    like cgroups. veths and chains carry only a hash of it.
     """
-    orphans = _network_orphans(config)
+    if not os.path.isdir(os.path.join(config.state_dir, NETWORK_STATE_DIR)):
+        return []
+    try:
+        from . import network
+    except ImportError:
+        return []
+    first = network.find_orphans(config)
+    again = set(network.find_orphans(config))
     out = []
-    for orphan in orphans:
-        job_id = getattr(orphan, "job_id", None)
-        name = str(orphan)
-        cage = ReapedCage(job_id or name, "no-record")
-        cage.removed.append(name)
-        if dry_run:
-            out.append(cage)
+    for orphan in first:
+        if orphan not in again:
             continue
-        if job_id is None:
-            _remove_network_orphan(orphan, cage)
-            out.append(cage)
-            continue
-        with _claimed(store, job_id, "no-record") as ours:
-            if not ours:
-                continue
-            _remove_network_orphan(orphan, cage)
+        job_id = _orphan_job_id(orphan, config)
+        cage = ReapedCage(job_id or f"{orphan.kind}:{orphan.name}", "no-record")
+        cage.removed.append(f"{orphan.kind} {orphan.name}")
+        if not dry_run:
+            if job_id is None:
+                _remove_network_orphan(orphan, config, cage)
+            else:
+                with _claimed(store, job_id, "no-record") as ours:
+                    if not ours:
+                        continue  # a cage claimed this id since: it is live
+                    _remove_network_orphan(orphan, config, cage)
         out.append(cage)
     return out
 
 
-def _network_orphans(config: Config) -> Iterable[Any]:
-    try:
-        from .network import find_orphans  # type: ignore[attr-defined]
-    except ImportError:
-        return []
-    return find_orphans(config)
+NETWORK_STATE_DIR = "network"
 
 
-def _remove_network_orphan(orphan: Any, cage: ReapedCage) -> None:
-    try:
-        orphan.remove()
-    except (OSError, JobCageError) as e:
-        cage.errors.append(f"removing {orphan} failed: {e}")
-        cage.removed.remove(str(orphan))
+def _orphan_job_id(orphan: Any, config: Config) -> str | None:
+    if orphan.kind == "netns":
+        return orphan.name.removeprefix(f"{NAME_PREFIX}-")
+    if orphan.kind == "lease":
+        from .network.addresses import AddressPool, LeaseStore
+
+        return (
+            LeaseStore(config.state_dir, AddressPool(config.address_pool))
+            .held()
+            .get(int(orphan.name))
+        )
+    return None
 
 
-def _destroy_network_by_id(config: Config, record: dict[str, Any], cage: ReapedCage) -> None:
-    """HOOK: an owner killed inside ``NetworkCage.create`` leaves ``network: null``.
-
-    cage.py records the network side only once it is built, so a cage that was still
-    building may have a netns and veth the record does not name. They carry the job
-    id's names; :mod:`jobcage.network` is expected to offer
-    ``destroy_by_job_id(job_id, config)`` to remove them. The orphan pass that runs
-    after this one finds them too, once the record is gone.
+def _remove_network_orphan(orphan: Any, config: Config, cage: ReapedCage) -> None:
+    """HOOK: netns and leases are removed here; veths, chains and the shared chains
+    need ``jobcage.network.remove_orphan(orphan, config)``, which the network side is
+    asked to provide (only it knows its chains' jumps). Until then they are reported.
     """
-    if record.get("network") or (record.get("reaped_from") or {}).get("state") != STATE_BUILDING:
-        return
+    from . import network
+
     try:
-        from .network import destroy_by_job_id  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    try:
-        destroy_by_job_id(record["job_id"], config)
-    except (OSError, JobCageError, KernelFeatureError) as e:
-        cage.errors.append(f"removing a half-built network side failed: {e}")
+        remover = getattr(network, "remove_orphan", None)
+        if remover is not None:
+            remover(orphan, config)
+        elif orphan.kind == "netns":
+            from .network import netns
+
+            netns.remove(orphan.name)
+            netns.remove_resolv_conf(orphan.name)
+        elif orphan.kind == "lease":
+            from .network.addresses import AddressPool, LeaseStore
+
+            LeaseStore(config.state_dir, AddressPool(config.address_pool)).release(
+                int(orphan.name), cage.job_id
+            )
+        else:
+            raise JobCageError(
+                f"{orphan.kind} {orphan.name} has no cage record; this version cannot remove "
+                "it: delete it by hand (ip link del / iptables-legacy -X)"
+            )
+    except (OSError, JobCageError) as e:
+        cage.errors.append(f"removing {orphan.kind} {orphan.name} failed: {e}")
+        cage.removed.clear()

@@ -1,0 +1,417 @@
+"""The ``jobcage`` command: a thin layer over the library for administrators and wrappers.
+
+It parses arguments, loads the config (command line > environment > file > defaults),
+calls one library function and maps JobCageError subclasses to the exit codes below,
+printing one line on stderr that says what to do. Expected errors never show a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import admin, batch, doctor, reap, runner
+from .config import Config, load_config
+from .errors import (
+    CageExistsError,
+    CageNotFoundError,
+    ConfigError,
+    InvalidJobIdError,
+    JobCageError,
+    KernelFeatureError,
+    NotRootError,
+    SpawnError,
+)
+
+# Exit codes of every command but `run` (documented in docs/admin-guide.md).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the operation failed (teardown, reap errors); doctor: node not ready
+EXIT_USAGE = 2  # bad arguments, config or job id
+EXIT_NOT_FOUND = 3  # no cage of that job id
+EXIT_NOT_ROOT = 4
+EXIT_KERNEL = 5  # a kernel feature is missing
+EXIT_EXISTS = 6  # a cage of that job id already exists
+# `run` exits with the job's status, so its own failures use the codes that env(1),
+# timeout(1) and chroot(1) use for the same situations.
+EXIT_RUN_FAILED = 125  # jobcage could not build the cage or start the job
+EXIT_RUN_CANNOT_EXEC = 126  # the command exists but cannot be executed
+EXIT_RUN_NOT_FOUND = 127  # the command does not exist
+EXIT_INTERRUPTED = 130
+
+EPILOG = """\
+exit codes (all commands but run):
+  0 success   1 failed / doctor: node not ready   2 bad arguments, config or job id
+  3 no such cage   4 not root   5 kernel feature missing   6 cage already exists
+run exits with the job's status (128+N if signal N killed it); its own failures:
+  125 the cage could not be built   126 command not executable   127 command not found
+
+config: /etc/jobcage/jobcage.toml, or --config / $JOBCAGE_CONFIG; every key can also be
+set as $JOBCAGE_<KEY> or with --set KEY=VALUE. See docs/admin-guide.md.
+"""
+
+RUN_EPILOG = """\
+The job runs in its own session. SIGTERM, SIGINT and SIGHUP sent to jobcage run are
+forwarded to the job's process group, which then has --grace seconds to exit before
+the cage is killed; SIGUSR1 and SIGUSR2 are forwarded only. jobcage run exits with
+the job's status, 128+N if signal N ended it.
+
+examples:
+  jobcage run --job-id 1234.0 --memory 2G --usage-file /var/log/jobcage.jsonl -- ./job.sh
+  jobcage run --batch slurm --summary -- ./step.sh
+  jobcage run --network --campus 129.93.0.0/16 -- curl -sO https://example.org/data
+"""
+
+
+def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Config options, accepted before and after the command name."""
+    default = argparse.SUPPRESS if suppress else None
+    group = parser.add_argument_group("configuration")
+    group.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default,
+        help="TOML config file (default: $JOBCAGE_CONFIG, else /etc/jobcage/jobcage.toml)",
+    )
+    group.add_argument(
+        "--state-dir", metavar="DIR", default=default, help="where cage records are kept"
+    )
+    group.add_argument(
+        "--cgroup-parent", metavar="PATH", default=default, help="parent cgroup of the cages"
+    )
+    group.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=default,
+        dest="settings",
+        help="set any config key for this command (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobcage",
+        description="Contain a batch job in cgroups (and optionally a network namespace) "
+        "and report what it used.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kwargs,
+        )
+        _common_options(p, suppress=True)
+        return p
+
+    run = add("run", "run a command in a new cage", epilog=RUN_EPILOG)
+    run.add_argument("--job-id", metavar="ID", help="job id (default: run-<host>-<pid>-<time>)")
+    run.add_argument(
+        "--batch",
+        choices=("condor", "slurm"),
+        help="take the job id from the batch system (condor: also RequestMemory, the "
+        "scratch dir for the usage record, condor_chirp; slurm: $SLURM_JOB_ID.$SLURM_STEP_ID)",
+    )
+    run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 2G or 512M")
+    run.add_argument("--pids", metavar="N", type=int, help="limit on the number of processes")
+    run.add_argument(
+        "--network", action="store_true", help="give the job its own accounted network"
+    )
+    run.add_argument(
+        "--campus",
+        metavar="CIDR",
+        action="append",
+        help="a network counted as on-campus (LAN); repeatable (default: campus_networks)",
+    )
+    run.add_argument("--user", metavar="USER", help="run the command as USER (name or uid)")
+    run.add_argument("--cwd", metavar="DIR", help="working directory of the command")
+    run.add_argument(
+        "--usage-file",
+        metavar="PATH",
+        help="append the usage record as one JSON line to PATH ('-': stdout)",
+    )
+    run.add_argument(
+        "--summary", action="store_true", help="print a human summary to stderr at the end"
+    )
+    run.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        type=float,
+        help="time between a forwarded SIGTERM and killing the cage (default: grace_seconds)",
+    )
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+    lst = add("list", "list the cages on this node, from their records")
+    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    stats = add("stats", "show the live usage of one cage")
+    stats.add_argument("job_id", metavar="ID")
+    stats.add_argument("--json", action="store_true", help="one JSON line")
+
+    kill = add("kill", "kill every process of a cage (its owner then tears it down)")
+    kill.add_argument("job_id", metavar="ID")
+
+    rp = add(
+        "reap",
+        "remove cages whose owner is dead and half-built leftovers (safe at any time)",
+    )
+    rp.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    rp.add_argument("--json", action="store_true", help="the report as one JSON line")
+
+    doc = add("doctor", "check whether this node is ready to cage jobs, and say what to fix")
+    doc.add_argument("--json", action="store_true", help="one JSON object per check")
+    doc.add_argument(
+        "--no-network", action="store_true", help="skip the checks only --network needs"
+    )
+    return parser
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> Config:
+    for item in getattr(args, "settings", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set grace_seconds=60")
+        overrides.setdefault(key.strip().replace("-", "_"), value)
+    if getattr(args, "state_dir", None):
+        overrides["state_dir"] = args.state_dir
+    if getattr(args, "cgroup_parent", None):
+        overrides["cgroup_parent"] = args.cgroup_parent
+    return load_config(getattr(args, "config", None), **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse already printed
+        return int(e.code or 0) if isinstance(e.code, int) else EXIT_USAGE
+    command = args.command
+    try:
+        return COMMANDS[command](args)
+    except SpawnError as e:
+        _error(e)
+        if command == "run":
+            return {2: EXIT_RUN_NOT_FOUND, 13: EXIT_RUN_CANNOT_EXEC}.get(
+                e.errno or 0, EXIT_RUN_FAILED
+            )
+        return EXIT_FAILED
+    except JobCageError as e:
+        _error(e)
+        if command == "run":
+            return EXIT_RUN_FAILED
+        return _exit_code(e)
+    except PermissionError as e:
+        _error(f"permission denied: {e.filename or e}; run jobcage as root")
+        return EXIT_RUN_FAILED if command == "run" else EXIT_NOT_ROOT
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _exit_code(e: JobCageError) -> int:
+    for kind, code in (
+        (ConfigError, EXIT_USAGE),
+        (InvalidJobIdError, EXIT_USAGE),
+        (CageNotFoundError, EXIT_NOT_FOUND),
+        (NotRootError, EXIT_NOT_ROOT),
+        (KernelFeatureError, EXIT_KERNEL),
+        (CageExistsError, EXIT_EXISTS),
+    ):
+        if isinstance(e, kind):
+            return code
+    return EXIT_FAILED
+
+
+def _error(e: BaseException | str) -> None:
+    # An OSError-derived error (SpawnError) would print as "[Errno 2] ...".
+    message = e.strerror if isinstance(e, OSError) and e.strerror else e
+    text = " ".join(str(message).split())
+    print(f"jobcage: error: {text}", file=sys.stderr)
+
+
+def _warn(text: str) -> None:
+    print(f"jobcage: warning: {' '.join(text.split())}", file=sys.stderr)
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise ConfigError("nothing to run: give the command after --, e.g. jobcage run -- ./job")
+    overrides: dict[str, Any] = {}
+    if args.memory is not None:
+        overrides["memory_limit"] = args.memory
+    if args.pids is not None:
+        overrides["pids_limit"] = args.pids
+    if args.campus:
+        overrides["campus_networks"] = args.campus
+    if args.grace is not None:
+        overrides["grace_seconds"] = args.grace
+    job_id, usage_file = args.job_id, args.usage_file
+    condor: batch.CondorJob | None = None
+    try:
+        config = _config(args, **overrides)
+        if args.batch == "condor":
+            condor = batch.condor_job()
+            job_id = job_id or condor.job_id
+            if args.memory is None and condor.memory_limit_bytes is not None:
+                config = config.replace(memory_limit=condor.memory_limit_bytes)
+            if usage_file is None and condor.scratch_dir:
+                usage_file = f"{condor.scratch_dir}/{batch.CONDOR_USAGE_FILE}"
+            if args.grace is None:
+                config = config.replace(
+                    grace_seconds=batch.condor_grace(
+                        config.grace_seconds, condor.max_vacate_seconds
+                    )
+                )
+        elif args.batch == "slurm":
+            job_id = job_id or batch.slurm_job_id()
+        result = runner.run_job(
+            argv,
+            job_id=job_id,
+            config=config,
+            network=args.network,
+            user=int(args.user) if args.user and args.user.isdigit() else args.user,
+            cwd=args.cwd,
+        )
+    except JobCageError as e:
+        if args.batch == "condor":
+            batch.write_wrapper_error(os.environ.get("_CONDOR_WRAPPER_ERROR_FILE"), f"{e}")
+        raise
+    if usage_file is not None:
+        try:
+            runner.write_usage_record(result, usage_file)
+        except OSError as e:
+            _warn(f"cannot write the usage record to {usage_file}: {e.strerror}")
+    if condor is not None and result.usage is not None:
+        for failure in batch.chirp_usage(result.usage):
+            _warn(failure)
+    if result.teardown_error:
+        _warn(f"job {result.job_id}: {result.teardown_error}; `jobcage reap` will finish the cage")
+    if args.summary:
+        print(runner.summary(result), file=sys.stderr)
+    return result.exit_status
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cages = admin.list_cages(_config(args))
+    if args.json:
+        for cage in cages:
+            print(json.dumps(cage.to_dict(), separators=(",", ":")))
+        return EXIT_OK
+    rows = [("JOB ID", "STATUS", "OWNER", "ALIVE", "PROCS", "AGE", "ADDRESS")]
+    for c in cages:
+        rows.append(
+            (
+                c.job_id,
+                c.status,
+                str(c.owner_pid) if c.owner_pid is not None else "-",
+                "yes" if c.owner_alive else "no",
+                str(c.processes) if c.processes is not None else "-",
+                _age(c.age_seconds),
+                c.address or "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    orphaned = sum(1 for c in cages if c.status in {"orphaned", "teardown-failed"})
+    if orphaned:
+        _warn(f"{orphaned} cage(s) without a live owner: `jobcage reap` removes them")
+    return EXIT_OK
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    usage = admin.cage_stats(args.job_id, _config(args))
+    if args.json:
+        print(json.dumps({"job_id": args.job_id, "time_unix": time.time(), **usage.to_dict()}))
+    else:
+        print(f"job {args.job_id}")
+        print(usage.to_table())
+    return EXIT_OK
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    killed = admin.kill_cage(args.job_id, _config(args))
+    print(f"killed {killed} process(es) of job {args.job_id}")
+    return EXIT_OK
+
+
+def cmd_reap(args: argparse.Namespace) -> int:
+    report = reap.reap(_config(args), dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.to_dict(), separators=(",", ":")))
+    else:
+        verb = "would reap" if report.dry_run else "reaped"
+        for cage in report.cages:
+            what = f"{verb} {cage.job_id} ({cage.reason}"
+            if cage.owner_pid is not None:
+                what += f", owner pid {cage.owner_pid}"
+            what += ")"
+            if not report.dry_run:
+                what += f": killed {cage.killed}"
+                if cage.usage_file:
+                    what += f", usage saved to {cage.usage_file}"
+            print(what)
+        if not report.cages:
+            print(f"nothing to reap ({report.live} live cage(s) left alone)")
+    for error in report.errors:
+        _error(error)
+    return EXIT_FAILED if report.errors else EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    checks = doctor.run_checks(_config(args), network=not args.no_network)
+    for c in checks:
+        if args.json:
+            print(json.dumps(c.to_dict()))
+        else:
+            print(f"{c.status.value:<4}  {c.name}: {c.message}")
+    is_ready = doctor.ready(checks)
+    if not args.json:
+        print("node is ready" if is_ready else "node is NOT ready: fix the FAIL lines above")
+    return EXIT_OK if is_ready else EXIT_FAILED
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "list": cmd_list,
+    "stats": cmd_stats,
+    "kill": cmd_kill,
+    "reap": cmd_reap,
+    "doctor": cmd_doctor,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

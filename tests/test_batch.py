@@ -1,0 +1,238 @@
+"""Batch systems: the HTCondor job ad, tools/condor-job-wrapper with a fake condor_chirp,
+and Slurm job ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from jobcage import ConfigError, Usage
+from jobcage.batch import (
+    chirp_attribute,
+    chirp_usage,
+    condor_grace,
+    condor_job,
+    parse_classad,
+    slurm_job_id,
+)
+
+from .cli_support import JOBCAGE, REPO, config_env, list_json
+
+WRAPPER = str(REPO / "tools" / "condor-job-wrapper")
+
+JOB_AD = """\
+ClusterId = 4321
+ProcId = 7
+Owner = "alice"
+Cmd = "/home/alice/job.sh"
+Args = "say \\"hi\\""
+RequestMemory = 96
+RequestCpus = 1
+JobMaxVacateTime = 20
+WantIOProxy = true
+Rank = 0.0
+Requirements = (TARGET.Arch == "X86_64") && (TARGET.OpSys == "LINUX")
+"""
+
+
+def test_parse_classad_literals_and_expressions():
+    ad = parse_classad(JOB_AD)
+    assert ad["clusterid"] == 4321 and ad["procid"] == 7
+    assert ad["owner"] == "alice" and ad["args"] == 'say "hi"'
+    assert ad["wantioproxy"] is True and ad["rank"] == 0.0
+    assert ad["requirements"].startswith("(TARGET.Arch")
+
+
+def test_condor_job_from_the_ad(tmp_path):
+    ad = tmp_path / ".job.ad"
+    ad.write_text(JOB_AD)
+    job = condor_job({"_CONDOR_JOB_AD": str(ad), "_CONDOR_SCRATCH_DIR": str(tmp_path)})
+    assert job.job_id == "4321.7"
+    assert job.memory_limit_bytes == 96 << 20
+    assert job.scratch_dir == str(tmp_path)
+    assert job.max_vacate_seconds == 20
+
+
+def test_memory_expression_falls_back_to_the_slot_memory(tmp_path):
+    ad = tmp_path / ".job.ad"
+    ad.write_text(
+        "ClusterId = 1\nProcId = 0\n"
+        "RequestMemory = ifThenElse(MemoryUsage =!= undefined, MemoryUsage, 2048)\n"
+    )
+    machine = tmp_path / ".machine.ad"
+    machine.write_text("Memory = 4096\nCpus = 2\n")
+    job = condor_job({"_CONDOR_JOB_AD": str(ad), "_CONDOR_MACHINE_AD": str(machine)})
+    assert job.memory_limit_bytes == 4096 << 20
+    assert condor_job({"_CONDOR_JOB_AD": str(ad)}).memory_limit_bytes is None
+
+
+def test_condor_job_errors_say_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="USER_JOB_WRAPPER"):
+        condor_job({})
+    ad = tmp_path / "ad"
+    ad.write_text('Owner = "bob"\n')
+    with pytest.raises(ConfigError, match="ClusterId"):
+        condor_job({"_CONDOR_JOB_AD": str(ad)})
+    with pytest.raises(ConfigError, match="cannot read"):
+        condor_job({"_CONDOR_JOB_AD": str(tmp_path / "missing")})
+
+
+def test_grace_stays_inside_htcondors_vacate_time():
+    assert condor_grace(30, None) == 30
+    assert condor_grace(30, 10) == 9
+    assert condor_grace(5, 10) == 5
+    assert condor_grace(30, 0) == 0
+
+
+def test_chirp_attribute_names():
+    assert chirp_attribute("memory_peak_bytes") == "JobCageMemoryPeakBytes"
+    assert chirp_attribute("net_wan_tx_bytes") == "JobCageNetWanTxBytes"
+
+
+def _fake_chirp(tmp_path, status: int = 0) -> tuple[str, str]:
+    log = tmp_path / "chirp.log"
+    exe = tmp_path / "bin" / "condor_chirp"
+    exe.parent.mkdir(exist_ok=True)
+    exe.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit {status}\n')
+    exe.chmod(0o755)
+    return str(exe), str(log)
+
+
+def test_chirp_sets_known_figures_and_skips_unknown_ones(tmp_path):
+    exe, log = _fake_chirp(tmp_path)
+    usage = Usage(wall_seconds=1.25, memory_peak_bytes=4096, net_wan_tx_bytes=None)
+    assert chirp_usage(usage, exe) == []
+    assert Path(log).read_text().splitlines() == [
+        "set_job_attr JobCageWallSeconds 1.25",
+        "set_job_attr JobCageMemoryPeakBytes 4096",
+    ]
+
+
+def test_failing_chirp_is_reported_once_not_raised(tmp_path):
+    exe, log = _fake_chirp(tmp_path, status=1)
+    failures = chirp_usage(Usage(wall_seconds=1.0, oom_kills=0), exe)
+    assert len(failures) == 1 and "WantIOProxy" in failures[0]
+    assert len(Path(log).read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"SLURM_JOB_ID": "812", "SLURM_STEP_ID": "0"}, "812.0"),
+        ({"SLURM_JOB_ID": "812"}, "812.batch"),
+        ({"SLURM_JOB_ID": "812", "SLURM_STEP_ID": "3", "SLURM_STEP_NUM_TASKS": "1"}, "812.3"),
+        (
+            {
+                "SLURM_JOB_ID": "812",
+                "SLURM_STEP_ID": "3",
+                "SLURM_STEP_NUM_TASKS": "4",
+                "SLURM_PROCID": "2",
+            },
+            "812.3.2",
+        ),
+        ({"SLURM_JOBID": "9", "SLURM_STEPID": "1"}, "9.1"),
+    ],
+)
+def test_slurm_job_id(env, expected):
+    assert slurm_job_id(env) == expected
+
+
+def test_slurm_job_id_outside_slurm_says_what_to_do():
+    with pytest.raises(ConfigError, match="--job-id"):
+        slurm_job_id({})
+
+
+# -- the wrapper for real ----------------------------------------------------------------
+
+
+def _condor_env(cage_config, tmp_path, **extra):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    ad = scratch / ".job.ad"
+    ad.write_text(JOB_AD)
+    exe, log = _fake_chirp(tmp_path)
+    env = config_env(
+        cage_config,
+        _CONDOR_JOB_AD=str(ad),
+        _CONDOR_SCRATCH_DIR=str(scratch),
+        _CONDOR_WRAPPER_ERROR_FILE=str(scratch / ".wrapper_error"),
+        **extra,
+    )
+    env["PATH"] = f"{os.path.dirname(exe)}:{env['PATH']}"
+    return env, scratch, log
+
+
+@pytest.mark.root
+def test_condor_wrapper_runs_the_job_in_a_cage_and_reports(cage_config, tmp_path):
+    env, scratch, chirp_log = _condor_env(cage_config, tmp_path)
+    done = subprocess.run(
+        [WRAPPER, "/bin/sh", "-c", 'echo "$JOBCAGE_JOB_ID"; cat /proc/self/cgroup; exit 5'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 5, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "4321.7"
+    assert any(f"{cage_config.cgroup_parent}/4321.7" in line for line in lines[1:])
+    record = json.loads((scratch / "jobcage-usage.json").read_text())
+    assert record["job_id"] == "4321.7" and record["exit_status"] == 5
+    assert record["usage"]["memory_limit_bytes"] == 96 << 20
+    chirps = Path(chirp_log).read_text().splitlines()
+    assert "set_job_attr JobCageMemoryPeakBytes" in "\n".join(chirps)
+    assert all(line.startswith("set_job_attr JobCage") for line in chirps)
+    assert not (scratch / ".wrapper_error").exists()
+    assert list_json(cage_config) == {}
+
+
+@pytest.mark.root
+def test_condor_wrapper_failure_holds_the_job_with_a_reason(cage_config, tmp_path):
+    env, scratch, _ = _condor_env(cage_config, tmp_path, JOBCAGE_WRAPPER_ARGS="--memory 0")
+    done = subprocess.run([WRAPPER, "/bin/true"], env=env, capture_output=True, text=True)
+    assert done.returncode == 125
+    reason = (scratch / ".wrapper_error").read_text()
+    assert "memory_limit" in reason and reason.count("\n") == 1
+
+
+def test_condor_wrapper_without_jobcage_on_path(tmp_path):
+    err = tmp_path / "err"
+    done = subprocess.run(
+        [WRAPPER, "/bin/true"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "JOBCAGE": "no-such-jobcage",
+            "_CONDOR_WRAPPER_ERROR_FILE": str(err),
+        },
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 125 and "not on PATH" in err.read_text()
+
+
+@pytest.mark.root
+def test_slurm_step_id_reaches_the_cage(cage_config):
+    env = config_env(cage_config, SLURM_JOB_ID="812", SLURM_STEP_ID="4")
+    done = subprocess.run(
+        [
+            JOBCAGE,
+            "run",
+            "--batch",
+            "slurm",
+            "--usage-file",
+            "-",
+            "--",
+            "sh",
+            "-c",
+            'test "$JOBCAGE_JOB_ID" = 812.4',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["job_id"] == "812.4"
