@@ -1,6 +1,6 @@
 """The on-disk record of each cage: what crash recovery and the CLI work from.
 
-A cage claims ``<state_dir>/cages/<job id>.json`` with O_EXCL *before* it creates
+A cage claims ``<state_dir>/cages/<job id>.json`` exclusively *before* it creates
 anything, so that a second cage of the same id fails cleanly and an owner killed
 half-way through ``create()`` still leaves a record naming what it may have built.
 The record is rewritten (write to a temporary file, then rename) as the cage grows,
@@ -86,10 +86,19 @@ class StateStore:
         }
 
     def claim(self, record: dict[str, Any]) -> None:
+        """Create the record only if none exists, never visible half-written.
+
+        The record is written to a private temporary file and hard-linked into place:
+        link(2) fails with EEXIST atomically, like O_EXCL, but the name only appears
+        once the content is complete.
+        """
         self._ensure_dirs()
         path = self._path(record["job_id"])
+        tmp = f"{path}.{os.getpid()}.{id(record)}.claim"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, path)
         except FileExistsError:
             existing = self.load_or_none(record["job_id"])
             owner = existing.get("owner_pid") if existing else "?"
@@ -97,8 +106,8 @@ class StateStore:
                 f"a cage for job {record['job_id']} already exists on this node (owner pid "
                 f"{owner}, record {path}); if its owner is dead, run `jobcage reap`"
             ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
+        finally:
+            os.unlink(tmp)
 
     def save(self, record: dict[str, Any]) -> None:
         path = self._path(record["job_id"])
