@@ -305,7 +305,14 @@ class JobCage:
         stats_usage = _collect(errors, self._usage, cgroup, None)
         net_counters = None
         if self._net is not None:
-            net_counters = _collect(errors, self._net.destroy)
+            try:
+                net_counters = self._net.destroy()
+            except TeardownError as e:
+                # Counters are read before anything is removed: keep them for the bill.
+                errors.append(e)
+                net_counters = getattr(e, "final_counters", None)
+            except Exception as e:
+                errors.append(e)
         if stats_usage is not None:
             net_fields = dataclasses.asdict(net_counters) if net_counters is not None else {}
             self.final_usage = dataclasses.replace(stats_usage, **net_fields)

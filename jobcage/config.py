@@ -35,6 +35,9 @@ class Config:
     pids_limit: int | None = None
     # Whether a caged job may open connections to services on the node itself.
     allow_node_access: bool = False
+    # DNS servers for networked cages when the node's resolver is on loopback and
+    # systemd-resolved's upstream list is not available.
+    dns_servers: tuple[str, ...] = ()
     # Seconds between forwarding SIGTERM to a job and tearing its cage down.
     grace_seconds: float = 30.0
 

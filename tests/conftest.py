@@ -18,6 +18,8 @@ from jobcage import Config
 from jobcage.cgroups import probe
 from jobcage.cgroups.base import rmdir_tree
 
+pytest_plugins = ["tests.conftest_network"]
+
 IS_ROOT = os.geteuid() == 0
 IN_VM = os.environ.get("JOBCAGE_IN_VM") == "1"
 

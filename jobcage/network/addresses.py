@@ -81,7 +81,9 @@ class AddressPool:
 
     def overlapping(self, networks: Iterable[str]) -> list[str]:
         """The networks among ``networks`` that overlap the pool."""
-        return [n for n in networks if ipaddress.IPv4Network(n, strict=False).overlaps(self.network)]
+        return [
+            n for n in networks if ipaddress.IPv4Network(n, strict=False).overlaps(self.network)
+        ]
 
 
 class LeaseStore:

@@ -175,9 +175,9 @@ class CagePlan:
         fwd_tx = [
             # Anti-spoof: only the cage's own address may leave its veth.
             RuleSpec("DROP", source=own, source_inverted=True),
-            # Cage to cage: a job never reaches another job (replies would be dropped by
-            # the other cage's FRX chain anyway; this also keeps them out of the bill).
-            RuleSpec("DROP", destination=self.pool),
+            # Cage to cage: a job never reaches another job (the other cage's FRX chain
+            # would drop it too). REJECT so the job fails at once, not at its timeout.
+            RuleSpec("REJECT", destination=self.pool, reject_with="icmp-admin-prohibited"),
             *(RuleSpec("ACCEPT", destination=net, counts=LAN_TX) for net in self.campus_networks),
             RuleSpec("ACCEPT", counts=WAN_TX),
         ]

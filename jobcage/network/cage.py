@@ -1,0 +1,386 @@
+"""One job's network cage: address lease, netns + veth, rules, resolv.conf.
+
+``create`` builds in the order lease -> netns -> forwarding -> rules -> resolv.conf and
+undoes what it built if any step fails. ``destroy`` reads the final counters first
+(removing the rules loses them), then removes everything, each step tolerant of
+"already gone", errors collected and raised together.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Config
+from ..errors import (
+    CageStateError,
+    ConfigError,
+    JobCageError,
+    NetworkError,
+    TeardownError,
+)
+from ..ids import netns_name as make_netns_name
+from ..ids import validate_job_id, veth_names
+from . import netns
+from .addresses import AddressPool, LeaseStore
+from .firewall import Firewall, open_firewall
+from .rules import (
+    CAGE_CHAIN_PREFIX,
+    SHARED_PREFIX,
+    CagePlan,
+    NetCounters,
+    cage_plan,
+)
+
+RECORD_FORMAT = 1
+
+
+def _campus(networks: Sequence[str]) -> tuple[str, ...]:
+    try:
+        return tuple(str(ipaddress.IPv4Network(n)) for n in networks)
+    except ValueError as e:
+        raise ConfigError(
+            f"bad campus network: {e}; give IPv4 CIDRs such as 129.93.0.0/16"
+        ) from None
+
+
+def _cage_hash(host_veth: str) -> str:
+    return host_veth[2:-1]
+
+
+@dataclass
+class NetworkCage:
+    """What was built for one job; see the module docstring for the order of things."""
+
+    job_id: str
+    netns_name: str
+    host_veth: str
+    address: ipaddress.IPv4Interface
+    host_address: ipaddress.IPv4Interface
+    lease_index: int
+    pool: str
+    campus_networks: tuple[str, ...]
+    allow_node_access: bool
+    state_dir: str
+    resolv_conf_path: str | None = None
+    firewall_backend: str = "iptables-legacy"
+    _final: NetCounters | None = field(default=None, repr=False)
+    _destroyed: bool = field(default=False, repr=False)
+
+    @property
+    def netns_path(self) -> str:
+        """The file spawn opens and passes to setns(CLONE_NEWNET) before exec."""
+        return os.path.join(netns.NETNS_RUN_DIR, self.netns_name)
+
+    @property
+    def plan(self) -> CagePlan:
+        return cage_plan(
+            cage_hash=_cage_hash(self.host_veth),
+            host_veth=self.host_veth,
+            address=self.address.ip,
+            pool=self.pool,
+            campus_networks=self.campus_networks,
+            allow_node_access=self.allow_node_access,
+        )
+
+    def _firewall(self) -> Firewall:
+        return open_firewall()
+
+    def _leases(self) -> LeaseStore:
+        return LeaseStore(self.state_dir, AddressPool(self.pool))
+
+    # -- building --------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, job_id: str, config: Config, campus_networks: Sequence[str] | None = None
+    ) -> NetworkCage:
+        """Build the cage in the calling thread's network namespace (the node's).
+
+        Raises ConfigError, AddressPoolExhaustedError, CageExistsError,
+        KernelFeatureError or NetworkError; nothing is left behind then.
+        """
+        validate_job_id(job_id)
+        campus = _campus(config.campus_networks if campus_networks is None else campus_networks)
+        pool = AddressPool(config.address_pool)
+        clash = pool.overlapping(campus)
+        if clash:
+            raise ConfigError(
+                f"address_pool {pool.network} overlaps the campus network(s) "
+                f"{', '.join(clash)}: replies to the jobs would be routed wrong; set "
+                "address_pool to a range used nowhere on campus"
+            )
+        host_veth, _ = veth_names(job_id)
+        lease, first = LeaseStore(config.state_dir, pool).acquire(job_id)
+        cage = cls(
+            job_id=job_id,
+            netns_name=make_netns_name(job_id),
+            host_veth=host_veth,
+            address=lease.job,
+            host_address=lease.host,
+            lease_index=lease.index,
+            pool=str(pool.network),
+            campus_networks=campus,
+            allow_node_access=config.allow_node_access,
+            state_dir=config.state_dir,
+        )
+        # Rollback removes only what this call built: with a duplicate job id, the
+        # names (netns, chains, resolv.conf) are the running cage's.
+        built = {"netns": False, "rules": False, "resolv": False}
+        try:
+            if first:
+                # Checked with the first cage only: a dump of every route costs in
+                # proportion to the cages already there.
+                shadowed = netns.routes_overlapping(cage.pool)
+                if shadowed:
+                    raise NetworkError(
+                        f"address_pool {cage.pool} overlaps routes of the node "
+                        f"({'; '.join(shadowed)}), e.g. a VPN on 100.64.0.0/10; set "
+                        "address_pool to a range the node does not use"
+                    )
+            netns.create(
+                netns.NetnsPlan(
+                    netns_name=cage.netns_name,
+                    host_veth=host_veth,
+                    host_address=lease.host,
+                    job_address=lease.job,
+                )
+            )
+            built["netns"] = True
+            netns.ensure_forwarding()
+            cage._firewall().install(cage.plan, cage.pool, lambda: _uplink(config))
+            built["rules"] = True
+            text = netns.plan_resolv_conf(
+                netns.read_text(netns.RESOLV_CONF) or "",
+                netns.read_text(netns.RESOLVED_RESOLV_CONF),
+                # Proposed config field (see docs/network.md); absent until added.
+                tuple(config.dns_servers),
+            )
+            if text is not None:
+                built["resolv"] = True
+                cage.resolv_conf_path = netns.write_resolv_conf(cage.netns_name, text)
+        except BaseException as e:
+            errors = cage._teardown(
+                read_counters=False,
+                remove_rules=built["rules"],
+                remove_netns=built["netns"],
+                remove_resolv=built["resolv"],
+            )
+            for error in errors:
+                e.add_note(f"and rolling back failed too: {error}")
+            raise
+        return cage
+
+    # -- accounting ------------------------------------------------------------------
+
+    def counters(self) -> NetCounters:
+        """Live counters of this cage's rules only."""
+        if self._destroyed:
+            if self._final is None:
+                raise CageStateError(f"the network cage of {self.job_id} is destroyed")
+            return self._final
+        return self._firewall().counters(self.plan)
+
+    # -- teardown --------------------------------------------------------------------
+
+    def destroy(self) -> NetCounters | None:
+        """Read the final counters, then remove everything; idempotent.
+
+        Returns the final counters (None if they could not be read). On errors raises
+        TeardownError after every step ran; its ``final_counters`` carries them too.
+        """
+        if self._destroyed:
+            return self._final
+        errors = self._teardown(read_counters=self._final is None)
+        if errors:
+            error = TeardownError(f"tearing down the network cage of {self.job_id} failed", errors)
+            error.final_counters = self._final  # type: ignore[attr-defined]
+            raise error
+        self._destroyed = True
+        return self._final
+
+    def _teardown(
+        self,
+        *,
+        read_counters: bool,
+        remove_rules: bool = True,
+        remove_netns: bool = True,
+        remove_resolv: bool = True,
+    ) -> list[BaseException]:
+        errors: list[BaseException] = []
+        firewall = self._firewall()
+        if read_counters:
+            try:
+                self._final = firewall.counters(self.plan)
+            except JobCageError as e:
+                # Chains and netns both gone: an earlier teardown (or reap) finished the
+                # job; nothing to count and nothing lost. Chains gone alone is a loss.
+                if os.path.exists(self.netns_path):
+                    errors.append(e)
+        steps = [
+            lambda: firewall.remove(self.plan) if remove_rules else None,
+            lambda: netns.remove(self.netns_name) if remove_netns else None,
+            lambda: self._leases().release(self.lease_index, self.job_id),
+            lambda: netns.remove_resolv_conf(self.netns_name) if remove_resolv else None,
+        ]
+        for step in steps:
+            try:
+                step()
+            except (JobCageError, OSError) as e:
+                errors.append(e)
+        return errors
+
+    # -- the record ------------------------------------------------------------------
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-able: everything `jobcage reap` needs to remove this cage later."""
+        plan = self.plan
+        return {
+            "format": RECORD_FORMAT,
+            "job_id": self.job_id,
+            "netns_name": self.netns_name,
+            "netns_path": self.netns_path,
+            "host_veth": self.host_veth,
+            "address": str(self.address),
+            "host_address": str(self.host_address),
+            "lease_index": self.lease_index,
+            "pool": self.pool,
+            "campus_networks": list(self.campus_networks),
+            "allow_node_access": self.allow_node_access,
+            "state_dir": self.state_dir,
+            "resolv_conf_path": self.resolv_conf_path,
+            "firewall": self.firewall_backend,
+            "chains": {"filter": list(plan.chain_names)},
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], config: Config | None = None) -> NetworkCage:
+        """Rebuild the handle of a cage from its record, touching nothing."""
+        try:
+            if record.get("format") != RECORD_FORMAT:
+                raise ValueError(f"unknown format {record.get('format')!r}")
+            return cls(
+                job_id=record["job_id"],
+                netns_name=record["netns_name"],
+                host_veth=record["host_veth"],
+                address=ipaddress.IPv4Interface(record["address"]),
+                host_address=ipaddress.IPv4Interface(record["host_address"]),
+                lease_index=int(record["lease_index"]),
+                pool=record["pool"],
+                campus_networks=tuple(record["campus_networks"]),
+                allow_node_access=bool(record["allow_node_access"]),
+                state_dir=record.get("state_dir")
+                or (config.state_dir if config is not None else ""),
+                resolv_conf_path=record.get("resolv_conf_path"),
+                firewall_backend=record.get("firewall", "iptables-legacy"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise NetworkError(
+                f"the network part of a cage record is unreadable ({e!r}); remove the cage "
+                "by hand: `ip netns del jobcage-<id>` and its JC-<hash>-* iptables chains"
+            ) from None
+
+
+def _uplink(config: Config) -> str:
+    if config.uplink is None:
+        return netns.default_route_interface()
+    if not netns.link_exists(config.uplink):
+        raise NetworkError(
+            f"the uplink {config.uplink!r} set in the config does not exist on the node; "
+            "set `uplink` to the interface of the node's way out (see `ip route`)"
+        )
+    return config.uplink
+
+
+# -- finding what a dead owner left ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A JobCage-named kernel object that no cage record claims."""
+
+    kind: str  # "netns", "veth", "chain", "lease", "shared"
+    name: str
+    table: str | None = None
+
+
+def find_orphans(config: Config) -> list[Orphan]:
+    """JobCage netns, veths, chains and leases with no cage record in the state dir.
+
+    Run in the node's netns. Read-only; `jobcage reap` decides what to remove.
+    """
+    known_netns: set[str] = set()
+    known_veths: set[str] = set()
+    known_chains: set[str] = set()
+    known_jobs: set[str] = set()
+    cages_dir = os.path.join(config.state_dir, "cages")
+    try:
+        names = os.listdir(cages_dir)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(cages_dir, name)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        job_id = record.get("job_id")
+        if isinstance(job_id, str):
+            known_jobs.add(job_id)
+            # A record claimed before the network part was built still owns the names.
+            known_netns.add(make_netns_name(job_id))
+            host_veth = veth_names(job_id)[0]
+            known_veths.add(host_veth)
+            known_chains.update(
+                f"{CAGE_CHAIN_PREFIX}{_cage_hash(host_veth)}-{s}"
+                for s in ("FTX", "FRX", "NTX", "NRX")
+            )
+    orphans = [Orphan("netns", n) for n in netns.cage_netns_names() if n not in known_netns]
+    orphans += [Orphan("veth", n) for n in netns.cage_veths() if n not in known_veths]
+    chains = open_firewall().our_chains()
+    cage_chains = [c for c in chains.get("filter", []) if c.startswith(CAGE_CHAIN_PREFIX)]
+    orphans += [Orphan("chain", c, "filter") for c in cage_chains if c not in known_chains]
+    if not cage_chains:
+        for table, names_ in chains.items():
+            orphans += [Orphan("shared", c, table) for c in names_ if c.startswith(SHARED_PREFIX)]
+    try:
+        pool = AddressPool(config.address_pool)
+        held = LeaseStore(config.state_dir, pool).held()
+    except JobCageError:
+        held = {}
+    orphans += [
+        Orphan("lease", str(i)) for i, job in sorted(held.items()) if job not in known_jobs
+    ]
+    return orphans
+
+
+def remove_orphan(orphan: Orphan, config: Config) -> None:
+    """Remove one object :func:`find_orphans` listed. The caller (reap) makes sure no
+    live cage claims it; each kind is removed idempotently."""
+    if orphan.kind == "netns":
+        netns.remove(orphan.name)
+        netns.remove_resolv_conf(orphan.name)
+    elif orphan.kind == "veth":
+        if not netns.is_cage_veth(orphan.name):
+            raise NetworkError(f"{orphan.name} is not a JobCage veth; not removing it")
+        netns.delete_link(orphan.name)
+    elif orphan.kind == "chain":
+        open_firewall().remove_orphan_chain(orphan.name)
+    elif orphan.kind == "shared":
+        open_firewall().remove_orphan_chain("")
+    elif orphan.kind == "lease":
+        store = LeaseStore(config.state_dir, AddressPool(config.address_pool))
+        job_id = store.held().get(int(orphan.name))
+        if job_id is not None:
+            store.release(int(orphan.name), job_id)
+    else:
+        raise NetworkError(f"unknown kind of orphan {orphan.kind!r}")
+
+
+__all__ = ["NetCounters", "NetworkCage", "Orphan", "find_orphans", "remove_orphan"]

@@ -1,0 +1,525 @@
+"""Rules and counters: the one place that talks to the node's packet filter.
+
+The cage only sees :class:`Firewall` (install a cage, remove it, read its counters);
+:class:`IptablesLegacyFirewall` implements it over python-iptables, which drives the
+legacy x_tables backend through libiptc. An nftables backend would be a second
+subclass, chosen in :func:`open_firewall`.
+
+Facts about libiptc that shape this module:
+
+* A change is a whole-table replace (IPT_SO_SET_REPLACE): the table is read, edited in
+  user space and written back, so every operation here is one read and at most one
+  commit per table, and it must hold ``/run/xtables.lock`` as `iptables -w` does, or a
+  concurrent `iptables` command on the node would fail with EAGAIN or, worse, be
+  overwritten by our stale copy. python-iptables does not take that lock itself.
+* Counters survive a replace: libiptc maps each unchanged rule to its old counters and
+  adds what the kernel counted meanwhile (IPT_SO_SET_ADD_COUNTERS).
+* There is no per-rule read: IPT_SO_GET_ENTRIES copies the whole table. Reading a
+  cage's counters walks only its four chains' raw entries, never decoding matches
+  (decoding a rule into a python-iptables ``Rule`` costs ~43 µs).
+* The libiptc handle holds a socket made in the network namespace of the thread that
+  opened it, and python-iptables caches one ``Table`` per name for the whole process;
+  so every operation opens a private handle, in the calling thread's namespace, under
+  a process-wide lock.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import fcntl
+import functools
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CageExistsError, KernelFeatureError, NetworkError
+from . import hooks
+from .rules import (
+    CAGE_CHAIN_PREFIX,
+    NAT_CHAIN,
+    SHARED_PREFIX,
+    CagePlan,
+    NetCounters,
+    RuleSpec,
+    SharedPlan,
+    classify,
+)
+
+# The lock every `iptables -w` of the node takes (iptables' XT_LOCK_NAME, overridable
+# with XTABLES_LOCKFILE as in iptables itself). It is a file, not per network namespace.
+XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
+XTABLES_LOCK_TIMEOUT_SECONDS = 10.0
+XTABLES_LOCK_POLL_SECONDS = 0.005
+
+_process_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def xtables_lock(
+    path: str = XTABLES_LOCK, timeout: float = XTABLES_LOCK_TIMEOUT_SECONDS
+) -> Iterator[None]:
+    """Hold the node's xtables lock, waiting at most ``timeout`` seconds, polling the
+    way `iptables -w` does (flock has no timed wait)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise NetworkError(f"cannot open the xtables lock {path}: {e.strerror}") from e
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise NetworkError(
+                        f"another process has held {path} for {timeout:.0f} s; find it "
+                        f"with `fuser -v {path}` (a hung iptables command?)"
+                    ) from None
+                time.sleep(XTABLES_LOCK_POLL_SECONDS)
+        yield
+    finally:
+        os.close(fd)
+
+
+class Firewall(abc.ABC):
+    """What the cage needs from a packet filter. Implementations return JobCage types
+    only, and raise JobCage errors only."""
+
+    name: str
+
+    @abc.abstractmethod
+    def install(self, cage: CagePlan, pool: str, uplink: Callable[[], str]) -> None:
+        """Install the cage's chains and jumps, and what cages share if missing (the
+        uplink is asked for only then). All or nothing."""
+
+    @abc.abstractmethod
+    def remove(self, cage: CagePlan) -> bool:
+        """Remove the cage's chains and jumps, and what cages share if it was the last
+        (then returns True). Idempotent."""
+
+    @abc.abstractmethod
+    def counters(self, cage: CagePlan) -> NetCounters:
+        """The cage's counters now. Raises NetworkError if its chains are gone."""
+
+    @abc.abstractmethod
+    def remove_orphan_chain(self, name: str) -> bool:
+        """Remove a JobCage chain that no record names (or none: only check what cages
+        share), its jumps, and the shared part if nothing uses it any more (then
+        returns True). For `jobcage reap`; walks the shared chains."""
+
+    @abc.abstractmethod
+    def our_chains(self) -> dict[str, list[str]]:
+        """table -> names of every JobCage chain in it (for reap and doctor)."""
+
+
+def open_firewall() -> Firewall:
+    return IptablesLegacyFirewall()
+
+
+# -- python-iptables ------------------------------------------------------------------
+
+
+@functools.cache
+def _iptc() -> Any:
+    try:
+        import iptc  # imported late: it runs modprobe and loads libiptc at import
+    except (ImportError, OSError) as e:
+        raise KernelFeatureError(
+            f"python-iptables cannot load libiptc ({e}): install the `iptables` package "
+            "(Debian/Ubuntu: apt-get install iptables)"
+        ) from e
+    return iptc
+
+
+def _table(name: str) -> Any:
+    """A private libiptc handle on ``name`` in the calling thread's netns, bypassing
+    python-iptables' process-wide per-name cache (see the module docstring)."""
+    iptc = _iptc()
+    table = object.__new__(iptc.Table)
+    try:
+        table._init(name, False)
+    except iptc.IPTCError as e:
+        raise _translate(e, f"opening the {name} table") from e
+    return table
+
+
+_MISSING_EXTENSION = (
+    "the kernel lacks an iptables extension JobCage uses: enable CONFIG_IP_NF_IPTABLES_LEGACY, "
+    "CONFIG_NETFILTER_XT_MATCH_CONNTRACK, CONFIG_IP_NF_TARGET_REJECT, CONFIG_IP_NF_NAT and "
+    "CONFIG_IP_NF_TARGET_MASQUERADE, or load the modules ip_tables, iptable_filter, "
+    "iptable_nat, xt_conntrack, ipt_REJECT and xt_MASQUERADE"
+)
+
+
+def _translate(e: BaseException, what: str) -> Exception:
+    text = str(e)
+    if "Table does not exist" in text or "No chain/target/match" in text:
+        return KernelFeatureError(f"{what}: {text}; {_MISSING_EXTENSION}")
+    if "Permission denied" in text or "Operation not permitted" in text:
+        return NetworkError(f"{what}: {text}; JobCage needs root (CAP_NET_ADMIN)")
+    return NetworkError(f"{what}: {text}")
+
+
+@functools.cache
+def _rule_class() -> type:
+    iptc = _iptc()
+
+    class Rule(iptc.Rule):
+        """A rule that resolves jump targets against *our* handle.
+
+        python-iptables decides whether a target names a chain by asking
+        ``Rule.tables``, which opens (and caches process-wide) a handle on every
+        table, in whatever netns the first caller was in, and never refreshes them.
+        """
+
+        def __init__(self, table: Any) -> None:
+            super().__init__()
+            self._own_tables = [table]
+
+        @property
+        def tables(self) -> list[Any]:
+            return self._own_tables
+
+    return Rule
+
+
+def _render(spec: RuleSpec, table: Any) -> Any:
+    rule = _rule_class()(table)
+    if spec.in_interface:
+        rule.in_interface = spec.in_interface
+    if spec.out_interface:
+        rule.out_interface = spec.out_interface
+    if spec.source:
+        rule.src = ("!" if spec.source_inverted else "") + spec.source
+    if spec.destination:
+        rule.dst = spec.destination
+    if spec.ctstate:
+        match = rule.create_match("conntrack")
+        match.ctstate = spec.ctstate
+    target = rule.create_target(spec.target)
+    if spec.reject_with:
+        target.reject_with = spec.reject_with
+    return rule
+
+
+def _entries(table: Any, chain: str) -> Iterator[Any]:
+    """Raw ipt_entry structs of ``chain``, without decoding matches or targets."""
+    entry = table.first_rule(chain)
+    while entry:
+        yield entry
+        entry = table.next_rule(entry)
+
+
+def _target_name(table: Any, entry: Any) -> str:
+    target = table.get_target(entry)
+    return target.decode() if target else ""
+
+
+def _has_jump(table: Any, chain: str, target: str) -> bool:
+    return any(_target_name(table, e) == target for e in _entries(table, chain))
+
+
+def _delete_jumps_to(table: Any, chain: str, target: str) -> None:
+    """Delete every rule of ``chain`` that jumps to ``target``, whatever its matches,
+    by position (iptc_delete_num_entry), highest first so positions stay valid.
+
+    Walks the chain, so it is used on builtin chains (a handful of rules) and as the
+    fallback; the per-cage path deletes by building the identical rule instead.
+    """
+    found = [i for i, e in enumerate(_entries(table, chain)) if _target_name(table, e) == target]
+    for position in reversed(found):
+        if table._iptc.iptc_delete_num_entry(chain.encode(), position, table._handle) != 1:
+            raise _iptc().IPTCError(f"can't delete rule {position} of {chain}: {table.strerror()}")
+
+
+class IptablesLegacyFirewall(Firewall):
+    """The layout of :mod:`jobcage.network.rules` over libiptc (legacy x_tables)."""
+
+    name = "iptables-legacy"
+
+    def _change(self) -> contextlib.AbstractContextManager[None]:
+        hooks.check()
+        return xtables_lock()
+
+    def install(self, cage: CagePlan, pool: str, uplink: Callable[[], str]) -> None:
+        iptc = _iptc()
+        with _process_lock, self._change():
+            filt = _table("filter")
+            try:
+                for name in cage.chain_names:
+                    if filt.is_chain(name):
+                        raise CageExistsError(
+                            f"iptables chain {name} already exists: a cage with this job "
+                            "id, or its leftover, is on the node; run `jobcage reap`"
+                        )
+                self._ensure_shared_filter(filt, SharedPlan(pool, "unused"))
+                for spec in cage.chains:
+                    filt.create_chain(spec.name)
+                    chain = iptc.Chain(filt, spec.name)
+                    for rule in spec.rules:
+                        chain.append_rule(_render(rule, filt))
+                for jump in cage.jumps:
+                    # Insert at the top: the shared chain ends in a fail-closed DROP.
+                    iptc.Chain(filt, jump.chain).insert_rule(_render(jump.rule, filt))
+                filt.commit()
+            except (iptc.IPTCError, iptc.XTablesError) as e:
+                raise _translate(e, f"installing the rules of cage {cage.host_veth}") from e
+            finally:
+                filt.close()
+            try:
+                self._ensure_nat(pool, uplink)
+            except BaseException:
+                self._remove_locked(cage)
+                raise
+
+    def _ensure_shared_filter(self, filt: Any, shared: SharedPlan) -> None:
+        iptc = _iptc()
+        for name in shared.filter_chains:
+            if not filt.is_chain(name):
+                filt.create_chain(name)
+                # Fail closed: a packet from or to a jc* interface whose cage has no
+                # chain (its cage was torn down while a process still held the netns)
+                # goes nowhere.
+                iptc.Chain(filt, name).append_rule(_render(RuleSpec("DROP"), filt))
+        # Inserted at the top of each builtin chain, last first, so that they end up in
+        # plan order: in FORWARD the from-a-job jump must come first, or a packet
+        # between two cages meets the receiving cage's DROP before the sender's REJECT.
+        for jump in reversed(shared.filter_jumps):
+            # Checked on every install, not only the first, so that a cage repairs the
+            # layout after an administrator's `iptables -F FORWARD`.
+            if not _has_jump(filt, jump.chain, jump.rule.target):
+                iptc.Chain(filt, jump.chain).insert_rule(_render(jump.rule, filt))
+
+    def _ensure_nat(self, pool: str, uplink: Callable[[], str]) -> None:
+        iptc = _iptc()
+        nat = _table("nat")
+        try:
+            changed = False
+            if not nat.is_chain(NAT_CHAIN):
+                shared = SharedPlan(pool, uplink())
+                nat.create_chain(NAT_CHAIN)
+                for rule in shared.nat_chain.rules:
+                    iptc.Chain(nat, NAT_CHAIN).append_rule(_render(rule, nat))
+                changed = True
+            if not _has_jump(nat, "POSTROUTING", NAT_CHAIN):
+                jump = SharedPlan(pool, "unused").nat_jump
+                iptc.Chain(nat, jump.chain).insert_rule(_render(jump.rule, nat))
+                changed = True
+            if changed:
+                nat.commit()
+        except (iptc.IPTCError, iptc.XTablesError) as e:
+            raise _translate(e, "installing the NAT of the cages") from e
+        finally:
+            nat.close()
+
+    def remove(self, cage: CagePlan) -> bool:
+        with _process_lock, self._change():
+            return self._remove_locked(cage)
+
+    def _remove_locked(self, cage: CagePlan) -> bool:
+        iptc = _iptc()
+        filt = _table("filter")
+        try:
+            for jump, name in zip(cage.jumps, cage.chain_names, strict=True):
+                if not filt.is_chain(name):
+                    continue
+                try:
+                    # Fast: libiptc finds the identical entry (iptc_delete_entry with the
+                    # rule's mask) without python decoding every rule of the chain.
+                    iptc.Chain(filt, jump.chain).delete_rule(_render(jump.rule, filt))
+                except iptc.IPTCError:
+                    # Not where we put it (edited by hand?): look it up the slow way.
+                    if filt.is_chain(jump.chain):
+                        _delete_jumps_to(filt, jump.chain, name)
+                filt.flush_entries(name)
+                filt.delete_chain(name)
+            last = self._remove_shared_filter_if_unused(filt)
+            filt.commit()
+        except (iptc.IPTCError, iptc.XTablesError) as e:
+            raise _translate(e, f"removing the rules of cage {cage.host_veth}") from e
+        finally:
+            filt.close()
+        if last:
+            self._remove_nat()
+        return last
+
+    def _remove_shared_filter_if_unused(self, filt: Any) -> bool:
+        shared = SharedPlan("0.0.0.0/0", "unused")
+        for name in shared.filter_chains:
+            if not filt.is_chain(name):
+                continue
+            rules = _entries(filt, name)
+            first = next(rules, None)
+            # In use while anything but the final fail-closed DROP is left.
+            if first is not None and next(rules, None) is not None:
+                return False
+        for jump in shared.filter_jumps:
+            if filt.is_chain(jump.rule.target):
+                _delete_jumps_to(filt, jump.chain, jump.rule.target)
+        for name in shared.filter_chains:
+            if filt.is_chain(name):
+                filt.flush_entries(name)
+                filt.delete_chain(name)
+        return True
+
+    def _remove_nat(self) -> None:
+        iptc = _iptc()
+        nat = _table("nat")
+        try:
+            if nat.is_chain(NAT_CHAIN):
+                _delete_jumps_to(nat, "POSTROUTING", NAT_CHAIN)
+                nat.flush_entries(NAT_CHAIN)
+                nat.delete_chain(NAT_CHAIN)
+                nat.commit()
+        except (iptc.IPTCError, iptc.XTablesError) as e:
+            raise _translate(e, "removing the NAT of the cages") from e
+        finally:
+            nat.close()
+
+    def remove_orphan_chain(self, name: str) -> bool:
+        if name and not name.startswith(CAGE_CHAIN_PREFIX):
+            raise NetworkError(f"{name} is not a per-cage JobCage chain; not removing it")
+        iptc = _iptc()
+        with _process_lock, self._change():
+            filt = _table("filter")
+            try:
+                if name and filt.is_chain(name):
+                    for shared in SharedPlan("0.0.0.0/0", "unused").filter_chains:
+                        if filt.is_chain(shared):
+                            _delete_jumps_to(filt, shared, name)
+                    filt.flush_entries(name)
+                    filt.delete_chain(name)
+                last = self._remove_shared_filter_if_unused(filt)
+                filt.commit()
+            except (iptc.IPTCError, iptc.XTablesError) as e:
+                raise _translate(e, f"removing the orphaned chain {name}") from e
+            finally:
+                filt.close()
+            if last:
+                self._remove_nat()
+        return last
+
+    def counters(self, cage: CagePlan) -> NetCounters:
+        with _process_lock:
+            filt = _table("filter")
+            try:
+                per_chain = []
+                for name in cage.chain_names:
+                    if not filt.is_chain(name):
+                        raise NetworkError(
+                            f"the accounting chain {name} of cage {cage.host_veth} is gone "
+                            "(removed by hand, or `iptables -X`?): its counters are lost"
+                        )
+                    per_chain.append(
+                        [(e.counters.pcnt, e.counters.bcnt) for e in _entries(filt, name)]
+                    )
+            finally:
+                filt.close()
+        return classify(cage, per_chain)
+
+    def our_chains(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        with _process_lock:
+            for name in ("filter", "nat"):
+                table = _table(name)
+                try:
+                    found[name] = [
+                        c.name
+                        for c in table.chains
+                        if c.name.startswith((SHARED_PREFIX, CAGE_CHAIN_PREFIX))
+                    ]
+                finally:
+                    table.close()
+        return found
+
+
+# -- which backend the node's own `iptables` is ---------------------------------------
+
+
+@dataclass(frozen=True)
+class FirewallReport:
+    """For `jobcage doctor`: where the node's rules live and what to worry about."""
+
+    node_iptables: str  # "nf_tables", "legacy" or "missing"
+    jobcage_backend: str
+    legacy_rules: int | None
+    nft_rules: int | None
+    warnings: list[str] = field(default_factory=list)
+
+
+@functools.cache
+def node_iptables_backend() -> str:
+    """Which flavour the node's `iptables` command is: its --version says so."""
+    exe = shutil.which("iptables")
+    if exe is None:
+        return "missing"
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "missing"
+    match = re.search(r"\((nf_tables|legacy)\)", out.stdout)
+    return match.group(1) if match else "legacy"
+
+
+def _count_rules(command: list[str]) -> int | None:
+    exe = shutil.which(command[0])
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, *command[1:]], capture_output=True, text=True, timeout=30, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("-A "))
+
+
+def firewall_report() -> FirewallReport:
+    """Detect the node's iptables flavour and whether rules live in both backends."""
+    node = node_iptables_backend()
+    legacy = _count_rules(["iptables-legacy-save"])
+    nft = _count_rules(["iptables-nft-save"])
+    warnings = []
+    if node == "missing":
+        warnings.append(
+            "no `iptables` command: install the iptables package (python-iptables needs "
+            "its libiptc and extensions)"
+        )
+    if node == "nf_tables":
+        warnings.append(
+            "the node's `iptables` is the nf_tables flavour but JobCage's rules are legacy "
+            "x_tables: see them with `iptables-legacy-save`, not `iptables -L`; a packet "
+            "must pass both, so an nf_tables FORWARD policy of DROP also needs an accept "
+            "for the cages' pool"
+        )
+    if legacy and nft:
+        warnings.append(
+            f"rules live in both backends ({legacy} legacy, {nft} nf_tables): both are "
+            "evaluated for every packet; keep the node's own rules in one of them"
+        )
+    return FirewallReport(
+        node_iptables=node,
+        jobcage_backend=IptablesLegacyFirewall.name,
+        legacy_rules=legacy,
+        nft_rules=nft,
+        warnings=warnings,
+    )
+
+
+__all__ = [
+    "Firewall",
+    "FirewallReport",
+    "IptablesLegacyFirewall",
+    "firewall_report",
+    "node_iptables_backend",
+    "open_firewall",
+    "xtables_lock",
+]
