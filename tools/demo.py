@@ -1,7 +1,11 @@
-"""Run a small real job in a cage and print its usage record, as a table and as JSON.
+"""Run a real job in a networked cage inside a simulated worker node, print its usage.
 
-Everything is made under a demo-only cgroup parent and state directory, and removed
-at the end.
+The machine's own network is never touched: the demo builds the simulated world the
+tests use (tests/networld.py) — a *node* namespace with an uplink, a router, a
+*campus* host (192.0.2.10) and an *internet* host (203.0.113.10), each serving HTTP —
+runs JobCage inside the node, and removes everything at the end. The job downloads
+1 MiB from the campus and 2 MiB from the internet with curl, burns a little CPU and
+memory, and its usage record is printed as a table and as one JSON line.
 """
 
 from __future__ import annotations
@@ -9,41 +13,64 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import uuid
 
-from jobcage import Config, JobCage
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-JOB = r"""
-import os, time
-data = bytearray(48 << 20)          # 48 MiB resident
-for i in range(0, len(data), 4096):
-    data[i] = 1
-end = time.process_time() + 0.5     # half a second of CPU
-while time.process_time() < end:
-    sum(range(10000))
-for _ in range(20):                 # 20 short-lived children
-    if os.fork() == 0:
-        os._exit(0)
-    os.wait()
-print("job done")
+from jobcage import Config, JobCage  # noqa: E402
+from jobcage.network import hooks  # noqa: E402
+from jobcage.usage import human_bytes  # noqa: E402
+from tests import networld  # noqa: E402
+
+MiB = 1 << 20
+JOB = f"""
+set -e
+curl -sf -o /dev/null http://{networld.CAMPUS_HOST}:{networld.SERVER_PORT}/bytes/{MiB}
+curl -sf -o /dev/null http://{networld.INTERNET_HOST}:{networld.SERVER_PORT}/bytes/{2 * MiB}
+python3 -c 'b = bytearray(32 << 20); sum(range(3_000_000))'
+echo "job done"
 """
 
 
 def main() -> int:
-    suffix = uuid.uuid4().hex[:6]
-    with tempfile.TemporaryDirectory(prefix="jobcage-demo-") as state:
-        config = Config(state_dir=state, cgroup_parent=f"/jobcage-demo-{suffix}")
-        with JobCage(f"demo-{suffix}", memory_limit="256M", pids_limit=64, config=config) as cage:
-            print(f"cage {cage.job_id}: cgroups {', '.join(sorted(cage.cgroup_paths))}")
-            proc = cage.spawn([sys.executable, "-c", JOB])
-            status = proc.wait()
-            print(f"job exited with status {status}")
-    usage = cage.final_usage
-    assert usage is not None
+    hooks.before_change = networld.guard  # refuse to touch the machine's own network
+    world = networld.NetWorld().build()
+    try:
+        with tempfile.TemporaryDirectory(prefix="jobcage-demo-") as state:
+            config = Config(
+                state_dir=state,
+                cgroup_parent=f"/jobcage-demo-{world.suffix}",
+                campus_networks=(networld.CAMPUS_NETWORK,),
+            )
+            with (
+                world.node_thread(),
+                JobCage(
+                    f"demo-{world.suffix}",
+                    memory_limit="256M",
+                    pids_limit=64,
+                    network=True,
+                    config=config,
+                ) as cage,
+            ):
+                print(
+                    f"cage {cage.job_id}: netns {cage.netns_name}, address {cage.address}, "
+                    f"cgroups {', '.join(sorted(cage.cgroup_paths))}"
+                )
+                status = cage.spawn(["sh", "-c", JOB]).wait()
+                print(f"job exited with status {status}")
+    finally:
+        world.destroy()
+    u = cage.final_usage
+    assert u is not None
     print()
-    print(usage.to_table())
+    print(
+        f"LAN in {human_bytes(u.net_lan_rx_bytes)}, LAN out {human_bytes(u.net_lan_tx_bytes)}, "
+        f"WAN in {human_bytes(u.net_wan_rx_bytes)}, WAN out {human_bytes(u.net_wan_tx_bytes)}"
+    )
     print()
-    print(usage.to_json())
+    print(u.to_table())
+    print()
+    print(u.to_json())
     return 0 if status == 0 else 1
 
 
