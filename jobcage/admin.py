@@ -97,7 +97,7 @@ def open_network(record: dict[str, Any], config: Config) -> Any | None:
         return None
     from .network import NetworkCage  # imported late: cgroup-only nodes never need it
 
-    return NetworkCage.from_record(record, config)
+    return NetworkCage.from_record(record["network"], config)
 
 
 def list_cages(config: Config) -> list[CageInfo]:

@@ -1,0 +1,68 @@
+"""Crash recovery of a *networked* cage, inside the simulated node: SIGKILL `jobcage run`
+in the middle of a job; the job stays contained, `jobcage list` shows it orphaned, and
+`jobcage reap` kills it, saves the final usage (network counters included) and leaves
+no cgroup, netns, veth, rule, address lease or record."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from jobcage.admin import record_cgroup_paths
+from jobcage.cgroups.base import read_pids
+from jobcage.reap import reap
+from jobcage.state import StateStore
+
+from . import networld as world_mod
+from .cli_support import alive, cgroup_dirs_exist, list_json, ready, start_run, wait_exit
+
+pytestmark = [pytest.mark.root, pytest.mark.network]
+
+
+def test_sigkilled_networked_run_is_reaped_completely(node, cage_config):
+    config = cage_config.replace(
+        campus_networks=(world_mod.CAMPUS_NETWORK,), address_pool=world_mod.POOL
+    )
+    job = f"netcrash.{world_mod.unique_suffix()}"
+    url = f"http://{world_mod.CAMPUS_HOST}:{world_mod.SERVER_PORT}/bytes/{1 << 20}"
+    # Started from the test thread, which is inside the node: `jobcage run` runs there.
+    proc = start_run(
+        config,
+        ["--job-id", job, "--network", "--campus", world_mod.CAMPUS_NETWORK],
+        f"curl -sf -o /dev/null {url}; sleep 1000 & echo ready; wait",
+    )
+    assert ready(proc) == "ready"
+    store = StateStore(config.state_dir)
+    record = store.load(job)
+    paths = record_cgroup_paths(record)
+    netns_file = f"/run/netns/{record['network']['netns_name']}"
+    assert os.path.exists(netns_file)
+    pids = read_pids([os.path.join(paths["freezer"], "cgroup.procs")])
+    assert pids
+
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+
+    # Contained: alive, in the cage, and its netns is still there.
+    assert all(alive(pid) for pid in pids)
+    assert os.path.exists(netns_file)
+    listed = list_json(config)[job]
+    assert listed["status"] == "orphaned"
+
+    report = reap(config)
+    [reaped] = report.cages
+    assert reaped.job_id == job and reaped.errors == [], reaped.errors
+    assert all(wait_exit(pid, 10) for pid in pids)
+    assert cgroup_dirs_exist(paths) == []
+    assert not os.path.exists(netns_file)
+    assert store.records() == []
+    saved = json.loads(Path(reaped.usage_file).read_text())
+    usage = saved["usage"]
+    assert usage["processes_killed"] == len(pids)
+    # The download finished before the owner died: it is on the bill.
+    assert usage["net_lan_rx_bytes"] >= 1 << 20
+    # The `node` fixture then proves the node's iptables and links are as before.
