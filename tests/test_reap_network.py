@@ -18,7 +18,16 @@ from jobcage.reap import reap
 from jobcage.state import StateStore
 
 from . import networld as world_mod
-from .cli_support import alive, cgroup_dirs_exist, list_json, ready, start_run, wait_exit
+from .cli_support import (
+    alive,
+    cgroup_dirs_exist,
+    config_args,
+    list_json,
+    ready,
+    run_main,
+    start_run,
+    wait_exit,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
@@ -43,6 +52,10 @@ def test_sigkilled_networked_run_is_reaped_completely(node, cage_config):
     assert os.path.exists(netns_file)
     pids = read_pids([os.path.join(paths["freezer"], "cgroup.procs")])
     assert pids
+    # Live usage of a cage owned by another process, network counters included.
+    status, out, err = run_main(["stats", job, "--json", *config_args(config)])
+    assert status == 0, err
+    assert json.loads(out)["net_lan_rx_bytes"] >= 1 << 20
 
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
