@@ -427,8 +427,15 @@ class IptablesLegacyFirewall(Firewall):
 
     def our_chains(self) -> dict[str, list[str]]:
         found: dict[str, list[str]] = {}
+        # Opening a legacy table the kernel has not instantiated in this netns creates
+        # it (tables are made per netns on first use); a table that is not listed holds
+        # no JobCage chain, so only look at those that exist.
+        existing = _legacy_tables()
         with _process_lock:
             for name in ("filter", "nat"):
+                if name not in existing:
+                    found[name] = []
+                    continue
                 table = _table(name)
                 try:
                     found[name] = [
@@ -439,6 +446,15 @@ class IptablesLegacyFirewall(Firewall):
                 finally:
                     table.close()
         return found
+
+
+def _legacy_tables() -> set[str]:
+    """The x_tables tables instantiated in the calling thread's netns."""
+    try:
+        with open("/proc/thread-self/net/ip_tables_names") as f:
+            return set(f.read().split())
+    except FileNotFoundError:  # ip_tables not loaded: no legacy table at all
+        return set()
 
 
 # -- which backend the node's own `iptables` is ---------------------------------------
