@@ -42,6 +42,9 @@ class CageInfo:
     age_seconds: float | None
     address: str | None
     cgroup_paths: dict[str, str]
+    # Live LAN/WAN counters of a networked cage (NetCounters fields); None for a
+    # cgroup-only cage or when its rules cannot be read.
+    network: dict[str, int] | None = None
 
     @property
     def status(self) -> str:
@@ -100,11 +103,35 @@ def open_network(record: dict[str, Any], config: Config) -> Any | None:
     return NetworkCage.from_record(record["network"], config)
 
 
+def _network_counters(records: list[dict[str, Any]], config: Config) -> dict[str, Any]:
+    """job id -> NetCounters of every networked record, in one read of the rules (a
+    per-cage read would copy the whole table once per cage)."""
+    cages = []
+    for record in records:
+        try:
+            net = open_network(record, config)
+        except JobCageError:
+            continue
+        if net is not None:
+            cages.append(net)
+    if not cages:
+        return {}
+    from .network import read_counters
+
+    try:
+        return read_counters(cages)
+    except (OSError, JobCageError):
+        return {}
+
+
 def list_cages(config: Config) -> list[CageInfo]:
     store = StateStore(config.state_dir)
     now = time.time()
     out = []
-    for record in store.records():
+    records = list(store.records())
+    counters = _network_counters(records, config)
+    for record in records:
+        job_counters = counters.get(str(record.get("job_id")))
         processes = None
         try:
             cgroup = open_cage_cgroup(record, config)
@@ -124,6 +151,7 @@ def list_cages(config: Config) -> list[CageInfo]:
                 age_seconds=round(now - created, 3) if isinstance(created, int | float) else None,
                 address=record_address(record),
                 cgroup_paths=record_cgroup_paths(record),
+                network=dataclasses.asdict(job_counters) if job_counters is not None else None,
             )
         )
     return out

@@ -29,6 +29,7 @@ from .errors import (
     NotRootError,
     SpawnError,
 )
+from .usage import human_bytes
 
 # Exit codes of every command but `run` (documented in docs/admin-guide.md).
 EXIT_OK = 0
@@ -315,7 +316,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         for cage in cages:
             print(json.dumps(cage.to_dict(), separators=(",", ":")))
         return EXIT_OK
-    rows = [("JOB ID", "STATUS", "OWNER", "ALIVE", "PROCS", "AGE", "ADDRESS")]
+    rows = [("JOB ID", "STATUS", "OWNER", "ALIVE", "PROCS", "AGE", "ADDRESS", "NET RX/TX")]
     for c in cages:
         rows.append(
             (
@@ -326,6 +327,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 str(c.processes) if c.processes is not None else "-",
                 _age(c.age_seconds),
                 c.address or "-",
+                _net(c.network),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -335,6 +337,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     if orphaned:
         _warn(f"{orphaned} cage(s) without a live owner: `jobcage reap` removes them")
     return EXIT_OK
+
+
+def _net(counters: dict[str, int] | None) -> str:
+    """LAN+WAN bytes into / out of the job, from the one-pass read of `list_cages`."""
+    if counters is None:
+        return "-"
+    rx = counters["net_lan_rx_bytes"] + counters["net_wan_rx_bytes"]
+    tx = counters["net_lan_tx_bytes"] + counters["net_wan_tx_bytes"]
+    return f"{human_bytes(rx)}/{human_bytes(tx)}"
 
 
 def _age(seconds: float | None) -> str:

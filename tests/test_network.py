@@ -28,7 +28,13 @@ from jobcage.errors import (
     NetworkError,
     TeardownError,
 )
-from jobcage.network import NetCounters, NetworkCage, find_orphans, forwarding_enabled
+from jobcage.network import (
+    NetCounters,
+    NetworkCage,
+    find_orphans,
+    forwarding_enabled,
+    read_counters,
+)
 from jobcage.network import firewall as firewall_mod
 from jobcage.network import netns as netns_mod
 
@@ -209,6 +215,26 @@ def test_several_cages_are_each_charged_for_their_own(make_cage):
         c = cages[key].counters()
         assert_data(c.net_lan_rx_bytes, lan, f"cage {key} lan")
         assert_data(c.net_wan_rx_bytes, wan, f"cage {key} wan")
+    # One read of the rules for every cage gives what each cage's own read gives.
+    together = read_counters(list(cages.values()))
+    assert together == {c.job_id: c.counters() for c in cages.values()}
+
+
+def test_rules_compiled_once_per_shape_equal_python_iptables_renders(make_cage):
+    """The patched raw entries are byte for byte what python-iptables builds."""
+    cages = [make_cage(k) for k in "ab"]
+    table = firewall_mod._table("filter")
+    try:
+        for cage in cages:
+            plan = cage.plan
+            specs = [r for chain in plan.chains for r in chain.rules]
+            for spec in [*specs, *(j.rule for j in plan.jumps)]:
+                fresh = firewall_mod._render(spec, table)
+                fresh.final_check()
+                entry = firewall_mod._entry(spec, table)
+                assert (entry.entry, entry.mask) == (bytes(fresh.rule), bytes(fresh.mask)), spec
+    finally:
+        table.close()
 
 
 def test_counters_are_live_and_final_counters_come_from_destroy(make_cage):

@@ -7,7 +7,7 @@ addresses, routes, forwarding, DNS; pyroute2), ``rules`` (the rule layout as dat
 (:class:`NetworkCage`, tying them together). See docs/network.md.
 """
 
-from .cage import NetworkCage, Orphan, find_orphans, remove_orphan
+from .cage import NetworkCage, Orphan, find_orphans, read_counters, remove_orphan
 from .firewall import FirewallReport, firewall_report, node_iptables_backend
 from .netns import forwarding_enabled
 from .rules import NetCounters
@@ -21,5 +21,6 @@ __all__ = [
     "firewall_report",
     "forwarding_enabled",
     "node_iptables_backend",
+    "read_counters",
     "remove_orphan",
 ]

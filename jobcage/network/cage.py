@@ -285,6 +285,21 @@ class NetworkCage:
             ) from None
 
 
+def read_counters(cages: Sequence[NetworkCage]) -> dict[str, NetCounters | None]:
+    """job id -> live counters of every cage given, from one read of the rules.
+
+    What `jobcage list` and a monitoring pass need: calling ``counters()`` per cage
+    would copy the whole table once per cage (N copies of an O(N) table). A cage whose
+    chains are gone maps to None; a destroyed cage to its final counters.
+    """
+    live = [c for c in cages if not c._destroyed]
+    found = open_firewall().counters_many([c.plan for c in live]) if live else {}
+    out: dict[str, NetCounters | None] = {}
+    for cage in cages:
+        out[cage.job_id] = cage._final if cage._destroyed else found.get(cage.host_veth)
+    return out
+
+
 def _uplink(config: Config) -> str:
     if config.uplink is None:
         return netns.default_route_interface()
@@ -383,4 +398,11 @@ def remove_orphan(orphan: Orphan, config: Config) -> None:
         raise NetworkError(f"unknown kind of orphan {orphan.kind!r}")
 
 
-__all__ = ["NetCounters", "NetworkCage", "Orphan", "find_orphans", "remove_orphan"]
+__all__ = [
+    "NetCounters",
+    "NetworkCage",
+    "Orphan",
+    "find_orphans",
+    "read_counters",
+    "remove_orphan",
+]

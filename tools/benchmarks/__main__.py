@@ -39,12 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [100] if args.quick else [1000, 5000]
         result["kill"] = kill.run(sizes, runs=1 if args.quick else 3)
     if "network" in sections:
-        try:
-            from . import network
-        except ImportError:
-            result["network"] = {"skipped": "network benchmarks not available"}
-        else:
-            result["network"] = network.run(quick=args.quick)
+        from . import netbench
+
+        result["network"] = netbench.run(quick=args.quick)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
@@ -98,8 +95,10 @@ def markdown(result: dict) -> str:
                 f"{ck.get('median_ms', 'n/a')} | {e.get('jobcage_vs_cgroup_kill', 'n/a')} |"
             )
         lines.append("")
-    if isinstance(result.get("network"), dict) and "markdown" in result["network"]:
-        lines += [result["network"]["markdown"], ""]
+    if "network" in result:
+        from .netmarkdown import network_markdown
+
+        lines += network_markdown(result["network"])
     return "\n".join(lines)
 
 

@@ -1,0 +1,76 @@
+"""The simulated node the network benchmarks run in, built and removed by the bench.
+
+Reuses the tests' world (tests/networld.py: node, router, campus and internet hosts in
+namespaces with a per-run suffix), so nothing here ever changes the machine's own
+network: every change runs in a thread that setns()ed into the node, and
+jobcage.network's guard refuses any change made from the namespace we started in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from jobcage.config import Config
+from jobcage.network import hooks, netns
+from jobcage.network.netns import NETNS_RUN_DIR
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from tests import networld
+from tests.networld import NetWorld
+
+
+@dataclass
+class Node:
+    world: NetWorld
+    config: Config
+    # Every name this run makes starts with it (job ids, floor namespaces), so that a
+    # failed run's leftovers are found by name and only ours are removed.
+    tag: str
+
+    def job_id(self, what: str) -> str:
+        return f"{self.tag}{what}"
+
+
+@contextlib.contextmanager
+def node() -> Iterator[Node]:
+    """Build the world, run the calling thread in its node, tear it all down after,
+    even on failure: cages' and floor namespaces with our tag, the world, the state."""
+    hooks.before_change = networld.guard
+    state = tempfile.mkdtemp(prefix="jobcage-bench-")
+    suffix = networld.unique_suffix()
+    config = Config(
+        state_dir=state,
+        campus_networks=(networld.CAMPUS_NETWORK,),
+        address_pool=networld.POOL,
+        cgroup_parent=f"/jobcage-bench-{suffix}",
+    )
+    world = NetWorld().build()
+    tag = f"b{suffix}"
+    try:
+        with world.node_thread():
+            try:
+                yield Node(world, config, tag)
+            finally:
+                _remove_leftovers(tag)
+    finally:
+        try:
+            world.destroy()
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def _remove_leftovers(tag: str) -> None:
+    """Namespaces of a run that failed half-way; unmounting takes their veths along.
+    The node's rules go with the node's namespace."""
+    for name in os.listdir(NETNS_RUN_DIR) if os.path.isdir(NETNS_RUN_DIR) else []:
+        if tag in name:
+            with contextlib.suppress(OSError):
+                netns.remove(name)
+            with contextlib.suppress(OSError):
+                netns.remove_resolv_conf(name)
