@@ -84,15 +84,16 @@ def parent_dirs(parent: str) -> list[str]:
 
 
 def _clean_parent(parent: str) -> list[str]:
-    """Kill and remove whatever a test left under ``parent``; return what was left."""
-    leaked = []
-    for d in parent_dirs(parent):
-        if not os.path.isdir(d):
-            continue
-        children = [e.name for e in os.scandir(d) if e.is_dir()]
-        leaked += [os.path.join(d, c) for c in children]
-        for c in children:
-            _kill_cgroup(os.path.join(d, c))
+    """Kill and remove whatever a test left under ``parent``; return what was left.
+
+    Everything is killed first, in every hierarchy, and only then removed: a v1
+    memory cgroup cannot be removed while the freezer one still holds live processes.
+    """
+    dirs = [d for d in parent_dirs(parent) if os.path.isdir(d)]
+    leaked = [e.path for d in dirs for e in os.scandir(d) if e.is_dir()]
+    for path in leaked:
+        _kill_cgroup(path)
+    for d in dirs:
         rmdir_tree(d)
     return leaked
 
