@@ -159,7 +159,8 @@ def _kill_check(version: int, h: Hierarchies) -> Check:
         # The root cgroup has neither cgroup.kill nor cgroup.freeze; look at a child.
         with contextlib.suppress(OSError):
             probe_dir = next(
-                e.path for e in os.scandir(h.v2_mount or "/") if e.is_dir(follow_symlinks=False)
+                (e.path for e in os.scandir(h.v2_mount or "/") if e.is_dir(follow_symlinks=False)),
+                None,
             )
     if probe_dir and os.path.exists(os.path.join(probe_dir, "cgroup.kill")):
         return Check(name, Status.OK, "v2: cgroup.kill kills a cage in one write")
