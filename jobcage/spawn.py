@@ -11,8 +11,6 @@ in the child too, because joining cgroups and namespaces needs root: CPython's o
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import pwd
 import subprocess
@@ -21,23 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SpawnError
-
-CLONE_NEWNET = 0x40000000
-CLONE_NEWNS = 0x00020000
-MS_BIND = 4096
-MS_REC = 16384
-MS_SLAVE = 1 << 19
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
-_libc.unshare.argtypes = (ctypes.c_int,)
-_libc.mount.argtypes = (
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-)
+from .syscalls import CLONE_NEWNET, CLONE_NEWNS, MS_BIND, MS_REC, MS_SLAVE
+from .syscalls import check as _check
+from .syscalls import libc as _libc
 
 
 @dataclass(frozen=True)
@@ -63,12 +47,6 @@ def resolve_user(user: str | int) -> Credentials:
         ) from None
     groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
     return Credentials(entry.pw_uid, entry.pw_gid, groups, entry.pw_name)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def spawn(

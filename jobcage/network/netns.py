@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import ipaddress
 import os
@@ -31,6 +30,15 @@ from dataclasses import dataclass
 
 from ..errors import CageExistsError, KernelFeatureError, NetworkError
 from ..ids import NAME_PREFIX, VETH_PREFIX
+from ..syscalls import (
+    CLONE_NEWNET,
+    MNT_DETACH,
+    MS_BIND,
+    MS_REC,
+    MS_SHARED,
+)
+from ..syscalls import check as _check
+from ..syscalls import libc as _libc
 from . import hooks
 
 NETNS_RUN_DIR = "/run/netns"
@@ -46,30 +54,6 @@ JOB_IFINDEX = 2
 # the same name (netns cleanup runs asynchronously in the cleanup_net workqueue).
 LINK_GONE_TIMEOUT_SECONDS = 2.0
 LINK_GONE_POLL_SECONDS = 0.002
-
-CLONE_NEWNET = 0x40000000
-MS_BIND = 4096
-MS_REC = 16384
-MS_SHARED = 1 << 20
-MNT_DETACH = 2
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.unshare.argtypes = (ctypes.c_int,)
-_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
-_libc.mount.argtypes = (
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-)
-_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 @dataclass(frozen=True)
