@@ -38,7 +38,8 @@ pytestmark = pytest.mark.root
 
 
 def _cage_pids(paths: dict[str, str]) -> set[int]:
-    return read_pids([os.path.join(paths["freezer"], "cgroup.procs")])
+    # The freezer cgroup on v1 (it holds every process), the one directory on v2.
+    return read_pids([os.path.join(paths.get("freezer", paths.get("unified")), "cgroup.procs")])
 
 
 def _sigkill_owner(proc: subprocess.Popen) -> None:

@@ -50,7 +50,7 @@ def test_sigkilled_networked_run_is_reaped_completely(node, cage_config):
     paths = record_cgroup_paths(record)
     netns_file = f"/run/netns/{record['network']['netns_name']}"
     assert os.path.exists(netns_file)
-    pids = read_pids([os.path.join(paths["freezer"], "cgroup.procs")])
+    pids = read_pids([os.path.join(paths.get("freezer", paths.get("unified")), "cgroup.procs")])
     assert pids
     # Live usage of a cage owned by another process, network counters included.
     status, out, err = run_main(["stats", job, "--json", *config_args(config)])
