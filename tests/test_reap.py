@@ -145,12 +145,13 @@ OWNER_DIES_IN_CREATE = textwrap.dedent(
     import sys
     from jobcage import Config, JobCage
     from jobcage.cgroups.v1 import V1Cgroup
+    from jobcage.cgroups.v2 import V2Cgroup
 
     def set_limits(self, memory_limit, pids_limit):
         print("cgroups-made", flush=True)
         sys.stdin.read()  # the test SIGKILLs us here
 
-    V1Cgroup.set_limits = set_limits
+    V1Cgroup.set_limits = V2Cgroup.set_limits = set_limits
     config = Config(state_dir=sys.argv[1], cgroup_parent=sys.argv[2])
     JobCage("half.1", config=config, memory_limit="64M").create()
     """
