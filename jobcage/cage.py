@@ -234,12 +234,8 @@ class JobCage:
             )
         try:
             cgroup.add_pid(pid)
-        except ProcessLookupError:
+        except ProcessLookupError:  # ESRCH from cgroup.procs
             raise JobCageError(f"cannot attach pid {pid}: no such process") from None
-        except OSError as e:
-            if e.errno == 3:  # ESRCH from cgroupfs
-                raise JobCageError(f"cannot attach pid {pid}: no such process") from None
-            raise
 
     def pids(self) -> set[int]:
         return self._require_built("list pids").pids()

@@ -132,7 +132,9 @@ class StateStore:
         except FileNotFoundError:
             return None
         except json.JSONDecodeError:
-            # Claimed but not yet written: the owner died between open and write.
+            # Records are only ever renamed or linked into place complete, so this is a
+            # damaged file (or one from a writer without that rule): treat it as a claim
+            # whose owner is unknown; `jobcage reap` removes it once it is stale.
             return {"job_id": job_id, "state": "building", "owner_pid": None}
 
     def remove(self, job_id: str) -> None:

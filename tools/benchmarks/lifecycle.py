@@ -18,6 +18,7 @@ import uuid
 
 from jobcage import Config, JobCage
 from jobcage.cgroups import probe
+from jobcage.cgroups.base import write_file
 
 from .common import measure_interleaved, ratio
 
@@ -50,8 +51,8 @@ def run(runs: int) -> dict:
         dirs = list(where.values())
         for d in dirs:
             os.mkdir(d)
-        _write(os.path.join(where["memory"], "memory.limit_in_bytes"), b"1073741824")
-        _write(os.path.join(where["pids"], "pids.max"), b"1000")
+        write_file(os.path.join(where["memory"], "memory.limit_in_bytes"), "1073741824")
+        write_file(os.path.join(where["pids"], "pids.max"), "1000")
         fds = [os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY) for d in dirs]
 
         def join() -> None:
@@ -61,8 +62,8 @@ def run(runs: int) -> dict:
         subprocess.Popen(["true"], preexec_fn=join).wait()
         for fd in fds:
             os.close(fd)
-        _write(os.path.join(where["freezer"], "freezer.state"), b"FROZEN")
-        _write(os.path.join(where["freezer"], "freezer.state"), b"THAWED")
+        write_file(os.path.join(where["freezer"], "freezer.state"), "FROZEN")
+        write_file(os.path.join(where["freezer"], "freezer.state"), "THAWED")
         for d in dirs:
             os.rmdir(d)
 
@@ -98,14 +99,6 @@ def run(runs: int) -> dict:
             "recipe_vs_jobcage": ratio(scripted, ours),
         }
     }
-
-
-def _write(path: str, value: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, value)
-    finally:
-        os.close(fd)
 
 
 def _recipe_script(mounts: dict[str, str], parent: str) -> str:

@@ -23,6 +23,7 @@ import uuid
 
 from jobcage import JobCage
 from jobcage.cgroups import probe
+from jobcage.cgroups.base import write_file
 from jobcage.network import NetworkCage
 from jobcage.network.rules import NAT_CHAIN, SharedPlan, cage_plan
 
@@ -46,14 +47,6 @@ def _plan(veth: str, job: ipaddress.IPv4Interface):
         campus_networks=(networld.CAMPUS_NETWORK,),
         allow_node_access=False,
     )
-
-
-def _write(path: str, value: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, value)
-    finally:
-        os.close(fd)
 
 
 def run(node: Node, runs: int) -> dict:
@@ -101,8 +94,8 @@ def run(node: Node, runs: int) -> dict:
             os.mkdir(d)
             dirs.append(d)
         where = dict(zip(mounts, dirs, strict=True))
-        _write(os.path.join(where["memory"], "memory.limit_in_bytes"), b"1073741824")
-        _write(os.path.join(where["pids"], "pids.max"), b"1000")
+        write_file(os.path.join(where["memory"], "memory.limit_in_bytes"), "1073741824")
+        write_file(os.path.join(where["pids"], "pids.max"), "1000")
         removal = floor_network(path)
         fds = [os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY) for d in dirs]
         ns = os.open(path, os.O_RDONLY)
@@ -115,8 +108,8 @@ def run(node: Node, runs: int) -> dict:
         subprocess.Popen(["true"], preexec_fn=join).wait()
         for fd in [*fds, ns]:
             os.close(fd)
-        _write(os.path.join(where["freezer"], "freezer.state"), b"FROZEN")
-        _write(os.path.join(where["freezer"], "freezer.state"), b"THAWED")
+        write_file(os.path.join(where["freezer"], "freezer.state"), "FROZEN")
+        write_file(os.path.join(where["freezer"], "freezer.state"), "THAWED")
         floor.restore(removal)
         floor.remove_netns(path)
         for d in dirs:
