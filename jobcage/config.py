@@ -15,6 +15,7 @@ DEFAULT_CGROUP_PARENT_NAME = "jobcage"
 # RFC 6598 shared address space: made for carrier-grade NAT, so it is neither a
 # campus's RFC 1918 range nor a public one. Each cage takes a /30 of it.
 DEFAULT_ADDRESS_POOL = "100.64.0.0/16"
+FIREWALLS = ("auto", "nftables", "iptables-legacy")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class Config:
     # DNS servers for networked cages when the node's resolver is on loopback and
     # systemd-resolved's upstream list is not available.
     dns_servers: tuple[str, ...] = ()
+    # Where the cages' rules live: "nftables" (a table `ip jobcage` of JobCage's own;
+    # costs the same with 1 or 1000 cages), "iptables-legacy" (chains in the x_tables
+    # filter and nat tables, for kernels without nf_tables), or "auto": nftables when
+    # the kernel has it.
+    firewall: str = "auto"
     # Seconds between forwarding SIGTERM to a job and tearing its cage down.
     grace_seconds: float = 30.0
 
@@ -107,6 +113,10 @@ def _coerce(name: str, value: object, where: str) -> object:
         if name == "memory_limit":
             parse_size(value)  # type: ignore[arg-type]
             return value
+        if name == "firewall":
+            if str(value) not in FIREWALLS:
+                raise TypeError(", ".join(FIREWALLS))
+            return str(value)
         if name == "cgroup_version":
             if str(value) not in {"auto", "1", "2"}:
                 raise TypeError("auto, 1 or 2")

@@ -55,7 +55,7 @@ def run_checks(config: Config, *, network: bool = True) -> list[Check]:
         checks += [
             check_netns(),
             check_veth(),
-            *check_iptables(),
+            *check_iptables(config),
             check_forwarding(),
             check_uplink(config),
             *check_addresses(config),
@@ -291,7 +291,7 @@ def _run_probe(name: str, argv: list[str], ok: str, fail: str) -> Check:
     return Check(name, Status.FAIL, f"{fail}: {err[-1] if err else done.returncode}")
 
 
-def check_iptables() -> list[Check]:
+def check_iptables(config: Config | None = None) -> list[Check]:
     """The node's iptables flavour, and a warning when rules live in both backends.
 
     Detection is the network side's (``jobcage.network.firewall.firewall_report``):
@@ -302,7 +302,10 @@ def check_iptables() -> list[Check]:
         from .network.firewall import firewall_report
     except ImportError as e:
         return [Check(name, Status.WARN, f"cannot check: the network side is missing ({e})")]
-    report = firewall_report()
+    try:
+        report = firewall_report(config.firewall if config is not None else "auto")
+    except JobCageError as e:
+        return [Check(name, Status.FAIL, str(e))]
     if report.node_iptables == "missing":
         return [Check(name, Status.FAIL, "iptables is not installed: apt-get install iptables")]
     counts = ", ".join(
@@ -315,7 +318,9 @@ def check_iptables() -> list[Check]:
             name,
             Status.OK,
             f"the node's iptables is {report.node_iptables}, JobCage writes "
-            f"{report.jobcage_backend} rules" + (f" ({counts})" if counts else ""),
+            f"{report.jobcage_backend} rules"
+            + (" (`nft list table ip jobcage`)" if report.jobcage_backend == "nftables" else "")
+            + (f"; the node has {counts}" if counts else ""),
         )
     ]
     checks += [Check("iptables backends", Status.WARN, w) for w in report.warnings]

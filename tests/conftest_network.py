@@ -56,12 +56,14 @@ def job_id() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture
-def net_config(tmp_path) -> Config:
+@pytest.fixture(params=["nftables", "iptables-legacy"])
+def net_config(request, tmp_path) -> Config:
+    """A node config, once per firewall backend: each test proves both layouts."""
     return Config(
         state_dir=str(tmp_path / "state"),
         campus_networks=(world_mod.CAMPUS_NETWORK,),
         address_pool=world_mod.POOL,
+        firewall=request.param,
     )
 
 

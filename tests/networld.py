@@ -32,6 +32,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from jobcage.network import nfnl
+
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
@@ -258,7 +260,9 @@ class NetWorld:
         )
         nft = self.exec_in(self.node, ["iptables-nft-save"], check=False).stdout
         nft_rules = [line for line in nft.splitlines() if line.startswith("-")]
-        return {"legacy": rules, "links": links, "nft": nft_rules}
+        # Every nftables table, JobCage's own included, without counter values.
+        ruleset = self.exec_in(self.node, ["nft", "-s", "list", "ruleset"]).stdout
+        return {"legacy": rules, "links": links, "nft": nft_rules, "nftables": ruleset}
 
     # -- teardown --------------------------------------------------------------------
 
@@ -289,6 +293,9 @@ class NetWorld:
     def destroy(self) -> None:
         """Tolerant of what is already gone; deleting a netns takes its links along."""
         self.stop_processes()
+        # JobCage keeps an nfnetlink socket open in the last netns it changed (the
+        # node's): close it, or it would keep the node alive after its name is gone.
+        nfnl.close()
         for ns in reversed(self.built):
             result = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
             if result.returncode != 0 and "No such file" not in result.stderr:

@@ -62,10 +62,20 @@ def test_bench_quick_all_sections_including_network(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "tools.benchmarks", "--quick",
          "--json", str(out_json), "--markdown", str(out_md)],
-        cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=300,
+        cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=600,
     )  # fmt: skip
     result = json.loads(out_json.read_text())
-    net = result["network"]
+    assert set(result["network"]) == {"nftables", "iptables-legacy"}
+    for net in result["network"].values():
+        check_network(net)
+    text = out_md.read_text()
+    assert "Lifecycle, networked" in text and "| N |" in text and "Accuracy" in text
+    assert "firewall = nftables" in text and "firewall = iptables-legacy" in text
+    after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert after <= before, f"the bench left namespaces: {after - before}"
+
+
+def check_network(net: dict) -> None:
     for name in ("jobcage", "floor", "recipe"):
         assert net["lifecycle"][name]["median_ms"] > 0
     assert net["lifecycle"]["jobcage_vs_floor"] > 0
@@ -73,7 +83,3 @@ def test_bench_quick_all_sections_including_network(tmp_path):
         assert net["scale"][str(n)]["usage_one"]["p95_ms"] > 0
     assert net["datapath"]["0"]["iperf_gbps_node"] > 0
     assert {row["class"] for row in net["accuracy"]} == {"lan_rx", "lan_tx", "wan_rx", "wan_tx"}
-    text = out_md.read_text()
-    assert "Lifecycle, networked" in text and "| N |" in text and "Accuracy" in text
-    after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    assert after <= before, f"the bench left namespaces: {after - before}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -37,6 +38,7 @@ from jobcage.network import (
 )
 from jobcage.network import firewall as firewall_mod
 from jobcage.network import netns as netns_mod
+from jobcage.network.nftables import NftablesFirewall
 
 from . import networld as world_mod
 from .conftest_network import run_in_cage
@@ -220,8 +222,10 @@ def test_several_cages_are_each_charged_for_their_own(make_cage):
     assert together == {c.job_id: c.counters() for c in cages.values()}
 
 
-def test_rules_compiled_once_per_shape_equal_python_iptables_renders(make_cage):
+def test_rules_compiled_once_per_shape_equal_python_iptables_renders(make_cage, net_config):
     """The patched raw entries are byte for byte what python-iptables builds."""
+    if net_config.firewall != "iptables-legacy":
+        pytest.skip("x_tables only: nftables rules are checked by `nft list`")
     cages = [make_cage(k) for k in "ab"]
     table = firewall_mod._table("filter")
     try:
@@ -282,9 +286,7 @@ def test_inbound_connections_from_hosts_are_dropped(make_cage, networld):
     frx = cage.plan.chain_names[1]
 
     def dropped() -> int:
-        out = networld.exec_in(networld.node, ["iptables-legacy-save", "-c", "-t", "filter"])
-        lines = [ln for ln in out.stdout.splitlines() if f"-A {frx} " in ln and "DROP" in ln]
-        return int(lines[0].split(":")[0].strip("["))
+        return drop_counts(networld, cage, frx)[-1]
 
     for host in (networld.internet, networld.campus):
         before = dropped()
@@ -311,15 +313,28 @@ def test_spoofed_source_addresses_are_dropped(make_cage, networld):
     run_in_cage(cage.netns_path, "udp-send", NODE_UPLINK, PORT, "10", "100", spoofed)
     assert run_in_cage(cage.netns_path, "ping", INTERNET_HOST, "2", "56", spoofed) == "0"
     assert cage.counters() == ZERO
-    out = networld.exec_in(networld.node, ["iptables-legacy-save", "-c", "-t", "filter"]).stdout
     ftx, _, ntx, _ = cage.plan.chain_names
-    spoof_drops = {
-        chain: int(line.split(":")[0].strip("["))
-        for line in out.splitlines()
-        for chain in (ftx, ntx)
-        if f"-A {chain} ! -s" in line
-    }
+    # The first rule of each is the anti-spoof DROP.
+    spoof_drops = {chain: drop_counts(networld, cage, chain)[0] for chain in (ftx, ntx)}
     assert spoof_drops == {ftx: 12, ntx: 10}
+
+
+def drop_counts(networld, cage: NetworkCage, chain: str) -> list[int]:
+    """Packets matched by each DROP rule of one of the cage's chains, in order, read
+    with the node's own tools (`nft` or `iptables-legacy-save`)."""
+    if cage.firewall_backend == "nftables":
+        out = networld.exec_in(networld.node, ["nft", "list", "chain", "ip", "jobcage", chain])
+        return [
+            int(re.search(r"counter packets (\d+)", line).group(1))
+            for line in out.stdout.splitlines()
+            if line.strip().endswith("drop")
+        ]
+    out = networld.exec_in(networld.node, ["iptables-legacy-save", "-c", "-t", "filter"])
+    return [
+        int(line.split(":")[0].strip("["))
+        for line in out.stdout.splitlines()
+        if f"-A {chain} " in line and line.endswith("-j DROP")
+    ]
 
 
 # -- lifecycle -----------------------------------------------------------------------
@@ -330,8 +345,12 @@ def test_last_cage_leaves_the_node_as_before(node, net_config, job_id):
     a = NetworkCage.create(job_id + "a", net_config)
     b = NetworkCage.create(job_id + "b", net_config)
     a.destroy()
-    middle = node.exec_in(node.node, ["iptables-legacy-save"]).stdout
-    assert "JOBCAGE-FWD-TX" in middle and "MASQUERADE" in middle  # b still needs them
+    if net_config.firewall == "nftables":
+        middle = node.exec_in(node.node, ["nft", "list", "ruleset"]).stdout
+        assert "JOBCAGE-FWD-TX" in middle and "masquerade" in middle  # b still needs them
+    else:
+        middle = node.exec_in(node.node, ["iptables-legacy-save"]).stdout
+        assert "JOBCAGE-FWD-TX" in middle and "MASQUERADE" in middle
     b.destroy()
     node.wait_until_empty(
         lambda: [n for n in node.node_state()["links"] if n.startswith("jc")], "veths to go"
@@ -369,6 +388,7 @@ def test_failed_create_leaves_nothing(node, net_config, job_id, monkeypatch, sta
             raise NetworkError("injected")
 
         monkeypatch.setattr(firewall_mod.IptablesLegacyFirewall, "install", boom)
+        monkeypatch.setattr(NftablesFirewall, "install", boom)
         config = net_config
     elif stage == "uplink":  # the filter rules are in when the NAT step fails
         config = net_config.replace(uplink="nosuchlink0")
@@ -396,6 +416,14 @@ def test_teardown_from_the_record_of_a_dead_owner(node, net_config, job_id):
     assert NetworkCage.from_record(record, net_config).destroy() is None
 
 
+def mine(orphans: list, job_id: str) -> list:
+    """The orphans of ``job_id``, and of no other run's jobs (leases are per state dir,
+    chains and veths per simulated node; netns names are the machine's)."""
+    from jobcage.ids import netns_name
+
+    return [o for o in orphans if o.kind != "netns" or o.name == netns_name(job_id)]
+
+
 def test_find_orphans_lists_what_has_no_record(node, net_config, job_id):
     cage = NetworkCage.create(job_id, net_config)
     try:
@@ -408,7 +436,7 @@ def test_find_orphans_lists_what_has_no_record(node, net_config, job_id):
         os.makedirs(records, exist_ok=True)
         with open(os.path.join(records, f"{job_id}.json"), "w") as f:
             json.dump({"job_id": job_id, "network": cage.to_record()}, f)
-        assert find_orphans(net_config) == []
+        assert mine(find_orphans(net_config), job_id) == []
         os.unlink(os.path.join(records, f"{job_id}.json"))
     finally:
         cage.destroy()
@@ -423,9 +451,10 @@ def guard():
     assert os.stat("/proc/thread-self/ns/net").st_ino != initial, "in the machine's netns"
 hooks.before_change = guard
 guard()
-config = Config(state_dir=sys.argv[1], campus_networks=("192.0.2.0/24",))
+config = Config(state_dir=sys.argv[1], campus_networks=("192.0.2.0/24",), firewall=sys.argv[3])
 cage = NetworkCage.create(sys.argv[2], config)
-print(json.dumps({"address": str(cage.address), "counters": str(cage.counters())}))
+print(json.dumps({"address": str(cage.address), "counters": str(cage.counters())}), flush=True)
+sys.stdin.readline()  # hold the lease until every process has one
 cage.destroy()
 """
 
@@ -443,7 +472,9 @@ def test_concurrent_creates_from_many_processes(node, net_config, job_id):
                 CONCURRENT_SCRIPT,
                 net_config.state_dir,
                 f"{job_id}p{i}",
+                net_config.firewall,
             ],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -451,9 +482,11 @@ def test_concurrent_creates_from_many_processes(node, net_config, job_id):
         )
         for i in range(8)
     ]
-    results = [p.communicate(timeout=120) for p in procs]
+    # Every cage exists at once: read each one's line before letting any go.
+    lines = [p.stdout.readline() for p in procs]
+    results = [p.communicate("go\n", timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in results]
-    addresses = [json.loads(out)["address"] for out, _ in results]
+    addresses = [json.loads(line)["address"] for line in lines]
     assert len(set(addresses)) == len(addresses)
 
 
@@ -510,7 +543,8 @@ def test_remove_orphan_clears_a_cage_whose_record_is_lost(node, net_config, job_
     from jobcage.network import remove_orphan
 
     NetworkCage.create(job_id, net_config)  # and its handle and record are lost
-    orphans = find_orphans(net_config)
+    # Only this job's: /run/netns is the machine's, and another run may have cages.
+    orphans = mine(find_orphans(net_config), job_id)
     assert {o.kind for o in orphans} == {"netns", "veth", "chain", "lease"}
     # netns first (the veth goes with it), then chains; the last chain takes the
     # shared chains and the NAT along.
@@ -518,6 +552,6 @@ def test_remove_orphan_clears_a_cage_whose_record_is_lost(node, net_config, job_
     for orphan in sorted(orphans, key=lambda o: order[o.kind]):
         remove_orphan(orphan, net_config)
     node.wait_until_empty(
-        lambda: [o for o in find_orphans(net_config) if o.kind != "veth"] or None,
+        lambda: [o for o in mine(find_orphans(net_config), job_id) if o.kind != "veth"] or None,
         "the orphans to go",
     )

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import struct
 import threading
 
 import pytest
 
 from jobcage.config import Config
-from jobcage.errors import AddressPoolExhaustedError, ConfigError, NetworkError
-from jobcage.network import NetCounters, NetworkCage
+from jobcage.errors import (
+    AddressPoolExhaustedError,
+    ConfigError,
+    KernelFeatureError,
+    NetworkError,
+)
+from jobcage.network import NetCounters, NetworkCage, rtnl
+from jobcage.network import netns as netns_mod
 from jobcage.network.addresses import AddressPool, LeaseStore
 from jobcage.network.netns import is_cage_veth, plan_resolv_conf
 from jobcage.network.rules import (
@@ -295,3 +303,226 @@ def test_create_refuses_pool_overlapping_campus(tmp_path):
     with pytest.raises(ConfigError, match="overlaps the campus"):
         NetworkCage.create("j1", config, ["10.0.0.0/8"])
     assert not (tmp_path / "network").exists()
+
+
+# -- raw rtnetlink (jobcage.network.rtnl): encoding and answers ----------------------
+
+# What pyroute2 0.9.7's IPRoute sent for the cage's side before (IPBatch with
+# link("add", ifname="eth0", kind="veth", index=2, state="up",
+# peer={"ifname": "jc0123456789abh", "net_ns_fd": 5}), link("set", index=1,
+# state="up"), addr("add", index=2, address="100.64.0.2", prefixlen=30),
+# route("add", gateway="100.64.0.1")), headers cut off after the flags.
+PYROUTE2_CAGE_SIDE = [
+    (
+        rtnl.RTM_NEWLINK,
+        0x605,
+        "00000000020000000100000001000000"  # ifinfomsg: index 2, IFF_UP
+        "090003006574683000000000"  # IFLA_IFNAME eth0
+        "44001200"  # IFLA_LINKINFO
+        "090001007665746800000000"  # IFLA_INFO_KIND veth
+        "3400020030000100"  # IFLA_INFO_DATA, VETH_INFO_PEER
+        "00000000000000000000000000000000"  # the peer's ifinfomsg
+        "140003006a633031323334353637383961626800"  # IFLA_IFNAME jc0123456789abh
+        "08001c0005000000",  # IFLA_NET_NS_FD 5
+    ),
+    (rtnl.RTM_NEWLINK, 0x5, "00000000010000000100000001000000"),
+    (rtnl.RTM_NEWADDR, 0x605, "021e00000200000008000100644000020800020064400002"),
+    (rtnl.RTM_NEWROUTE, 0x605, "02000000fe040001000000000800050064400001"),
+]
+
+
+def _cage_side_requests():
+    return [
+        rtnl.new_veth("eth0", 2, "jc0123456789abh", 5, up=True, what="veth"),
+        rtnl.set_up(1, "lo"),
+        rtnl.new_address(2, ipaddress.IPv4Interface("100.64.0.2/30"), "address"),
+        rtnl.new_default_route(ipaddress.IPv4Address("100.64.0.1"), "route"),
+    ]
+
+
+def _kernel_message(kind: int, seq: int, body: bytes, flags: int = 0) -> bytes:
+    data = struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 4242) + body
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _ack(seq: int, error: int = 0, text: str = "") -> bytes:
+    """An NLMSG_ERROR as a NETLINK_CAP_ACK + NETLINK_EXT_ACK socket gets it."""
+    body = struct.pack("=i", -error) + struct.pack("=IHHII", 32, 16, 5, seq, 0)
+    flags = rtnl.NLM_F_CAPPED
+    if text:
+        body += rtnl.attr_str(rtnl.NLMSGERR_ATTR_MSG, text)
+        flags |= rtnl.NLM_F_ACK_TLVS
+    return _kernel_message(rtnl.NLMSG_ERROR, seq, body, flags)
+
+
+def _link_reply(seq: int, index: int, name: str, link: int | None = None) -> bytes:
+    body = rtnl.ifinfomsg(index) + rtnl.attr_str(rtnl.IFLA_IFNAME, name)
+    if link is not None:
+        body += rtnl.attr_u32(rtnl.IFLA_LINK, link)
+    return _kernel_message(rtnl.RTM_NEWLINK, seq, body)
+
+
+def _route_reply(seq, dst, dst_len, table=254, oif=None, rta_table=None, multipath_oif=None):
+    body = struct.pack("=BBBBBBBBI", 2, dst_len, 0, 0, table, 3, 0, 1, 0)
+    if dst_len:
+        body += rtnl.attr(rtnl.RTA_DST, ipaddress.IPv4Address(dst).packed)
+    if rta_table is not None:
+        body += rtnl.attr_u32(rtnl.RTA_TABLE, rta_table)
+    if oif is not None:
+        body += rtnl.attr_u32(rtnl.RTA_OIF, oif)
+    if multipath_oif is not None:
+        body += rtnl.attr(rtnl.RTA_MULTIPATH, struct.pack("=HBBi", 8, 0, 0, multipath_oif))
+    return _kernel_message(rtnl.RTM_NEWROUTE, seq, body, rtnl.NLM_F_MULTI)
+
+
+def test_cage_side_is_what_pyroute2_sent():
+    sent = list(rtnl.messages(rtnl.encode(_cage_side_requests(), 7)))
+    assert [seq for _, _, seq, _ in sent] == [7, 8, 9, 10]
+    got = [(kind, flags, message[16:].hex()) for kind, flags, _, message in sent]
+    assert got == PYROUTE2_CAGE_SIDE
+
+
+def test_encoded_veth_parses_back():
+    request = rtnl.new_veth("eth0", 2, "jc0123456789abh", 9, up=False, what="")
+    ((_, _, _, message),) = rtnl.messages(rtnl.encode([request], 1))
+    assert rtnl.ifinfo_index(message) == 2
+    attrs = rtnl.ifinfo_attrs(message)
+    assert rtnl.text(attrs[rtnl.IFLA_IFNAME]) == "eth0"
+    info = rtnl.attrs(attrs[rtnl.IFLA_LINKINFO])
+    assert rtnl.text(info[rtnl.IFLA_INFO_KIND]) == "veth"
+    peer = rtnl.attrs(info[rtnl.IFLA_INFO_DATA])[rtnl.VETH_INFO_PEER]
+    peer_attrs = rtnl.attrs(peer, 16)  # after the peer's ifinfomsg
+    assert rtnl.text(peer_attrs[rtnl.IFLA_IFNAME]) == "jc0123456789abh"
+    assert rtnl.u32(peer_attrs[rtnl.IFLA_NET_NS_FD]) == 9
+
+
+def test_dumps_ask_for_no_ack_and_the_rest_do():
+    requests = [rtnl.dump_routes(), rtnl.get_link(name="eth0"), rtnl.delete_link("x", "")]
+    flags = [flags for _, flags, _, _ in rtnl.messages(rtnl.encode(requests, 1))]
+    assert flags == [0x301, 0x5, 0x5]
+
+
+def test_answers_are_sorted_by_seq_with_errors_and_kernel_text():
+    answers = {seq: rtnl.Answer() for seq in (1, 2, 3, 4)}
+    done: set[int] = set()
+    rtnl.collect(_ack(1, errno.EEXIST) + _link_reply(99, 5, "other"), answers, done)
+    assert done == {1} and answers[1].error == errno.EEXIST
+    rtnl.collect(
+        _ack(2) + _ack(3, errno.ENETUNREACH, "Nexthop has invalid gateway"), answers, done
+    )
+    rtnl.collect(_link_reply(4, 2, "eth0", link=17) + _ack(4), answers, done)
+    assert done == {1, 2, 3, 4}
+    assert answers[2].error == 0 and answers[2].replies == []
+    assert answers[3].error == errno.ENETUNREACH
+    assert answers[3].kernel_message == "Nexthop has invalid gateway"
+    assert netns_mod._peer_index(answers[4]) == 17
+    requests = _cage_side_requests()
+    ordered = [answers[seq] for seq in (1, 2, 3, 4)]
+    with pytest.raises(rtnl.NetlinkError) as info:
+        rtnl.raise_first_error(requests, ordered)
+    assert info.value.code == errno.EEXIST and info.value.request is requests[0]
+    assert str(info.value) == "veth: File exists"
+
+
+def test_error_with_the_request_echoed_in_full():
+    request = struct.pack("=IHHII", 20, 16, 5, 3, 0) + b"abcd"
+    tlvs = rtnl.attr_str(rtnl.NLMSGERR_ATTR_MSG, "Unknown device type")
+    message = _kernel_message(
+        rtnl.NLMSG_ERROR, 3, struct.pack("=i", -errno.EOPNOTSUPP) + request + tlvs,
+        rtnl.NLM_F_ACK_TLVS,
+    )  # fmt: skip
+    answers = {3: rtnl.Answer()}
+    rtnl.collect(message, answers, set())
+    assert answers[3].error == errno.EOPNOTSUPP
+    assert answers[3].kernel_message == "Unknown device type"
+
+
+def test_peer_index_is_none_when_the_kernel_leaves_it_out():
+    assert netns_mod._peer_index(rtnl.Answer(replies=[_link_reply(1, 2, "eth0")])) is None
+    assert netns_mod._peer_index(rtnl.Answer()) is None
+
+
+def test_netlink_errors_become_jobcage_errors_that_say_what_to_do():
+    veth, lo = _cage_side_requests()[:2]
+    missing = rtnl.NetlinkError(errno.EOPNOTSUPP, "creating", "Unknown device type", veth)
+    error = netns_mod._netlink_error(missing, "setting up x")
+    assert isinstance(error, KernelFeatureError) and "CONFIG_VETH" in str(error)
+    other = rtnl.NetlinkError(errno.EOPNOTSUPP, "bringing lo up", "", lo)
+    assert not isinstance(netns_mod._netlink_error(other, "x"), KernelFeatureError)
+    denied = rtnl.NetlinkError(errno.EPERM, "creating", "", veth)
+    assert "CAP_NET_ADMIN" in str(netns_mod._netlink_error(denied, None))
+
+
+class FakeKernel(rtnl.Socket):
+    """Answers dumps and RTM_GETLINK by index from tables, one recv per batch."""
+
+    def __init__(self, routes, links):
+        self._seq = 0
+        self.routes, self.links, self.batches = routes, links, []
+
+    def close(self):
+        pass
+
+    def talk(self, requests):
+        self.batches.append([r.kind for r in requests])
+        first = self._seq + 1
+        self._seq += len(requests)
+        data = b""
+        for seq, request in enumerate(requests, first):
+            if request.kind == rtnl.RTM_GETROUTE:
+                data += b"".join(_route_reply(seq, *r) for r in self.routes)
+                data += _kernel_message(rtnl.NLMSG_DONE, seq, struct.pack("=i", 0))
+            elif request.kind == rtnl.RTM_GETLINK:
+                (_, _, _, message), *_ = rtnl.messages(rtnl.encode([request], seq))
+                index = rtnl.ifinfo_index(message)
+                if index in self.links:
+                    data += _link_reply(seq, index, self.links[index]) + _ack(seq)
+                else:
+                    data += _ack(seq, errno.ENODEV)
+        answers = {seq: rtnl.Answer() for seq in range(first, first + len(requests))}
+        done: set[int] = set()
+        rtnl.collect(data, answers, done)
+        assert len(done) == len(requests)
+        return [answers[seq] for seq in sorted(answers)]
+
+
+def _fake(monkeypatch, routes, links):
+    kernel = FakeKernel(routes, links)
+    monkeypatch.setattr(netns_mod.rtnl, "Socket", lambda: kernel)
+    return kernel
+
+
+def test_routes_overlapping_looks_up_only_the_overlapping_links(monkeypatch):
+    routes = [
+        ("0.0.0.0", 0, 254, 2),
+        ("100.64.0.0", 30, 254, 7),  # a cage's
+        ("100.64.128.0", 24, 254, 3),  # a VPN's
+        ("100.64.0.1", 32, 255, 7),  # local table
+        ("100.64.9.0", 24, 252, 3, 1000),  # table 1000
+        ("10.0.0.0", 8, 254, 2),
+    ]
+    links = {2: "eth0", 3: "tun0", 7: "jc0123456789abh"}
+    kernel = _fake(monkeypatch, routes, links)
+    assert netns_mod.routes_overlapping("100.64.0.0/10") == ["100.64.128.0/24 dev tun0"]
+    assert kernel.batches == [[rtnl.RTM_GETROUTE], [rtnl.RTM_GETLINK, rtnl.RTM_GETLINK]]
+    kernel = _fake(monkeypatch, routes, links)
+    assert netns_mod.routes_overlapping("172.16.0.0/12") == []
+    assert kernel.batches == [[rtnl.RTM_GETROUTE]]
+
+
+def test_routes_overlapping_skips_a_route_whose_device_is_gone(monkeypatch):
+    """The last cage's connected route outlives its veth by a moment (the kernel
+    cleans a netns up asynchronously): the next first cage must not refuse it."""
+    routes = [("100.64.0.0", 30, 254, 9), ("100.64.128.0", 24, 254, 3)]
+    _fake(monkeypatch, routes, {3: "tun0"})  # link 9 no longer exists
+    assert netns_mod.routes_overlapping("100.64.0.0/10") == ["100.64.128.0/24 dev tun0"]
+
+
+def test_default_route_interface_single_and_multipath(monkeypatch):
+    _fake(monkeypatch, [("10.0.0.0", 8, 254, 3), ("0.0.0.0", 0, 254, 2)], {2: "eno1"})
+    assert netns_mod.default_route_interface() == "eno1"
+    _fake(monkeypatch, [("0.0.0.0", 0, 254, None, None, 4)], {4: "bond0"})
+    assert netns_mod.default_route_interface() == "bond0"
+    _fake(monkeypatch, [("0.0.0.0", 0, 255, 2)], {2: "eno1"})
+    with pytest.raises(NetworkError, match="set `uplink`"):
+        netns_mod.default_route_interface()

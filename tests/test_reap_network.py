@@ -14,6 +14,10 @@ import pytest
 
 from jobcage.admin import record_cgroup_paths
 from jobcage.cgroups.base import read_pids
+from jobcage.errors import CageExistsError
+from jobcage.ids import netns_name, veth_names
+from jobcage.network import NetworkCage
+from jobcage.network import netns as netns_mod
 from jobcage.reap import reap
 from jobcage.state import StateStore
 
@@ -79,3 +83,27 @@ def test_sigkilled_networked_run_is_reaped_completely(node, cage_config):
     # The download finished before the owner died: it is on the bill.
     assert usage["net_lan_rx_bytes"] >= 1 << 20
     # The `node` fixture then proves the node's iptables and links are as before.
+
+
+def test_a_leftover_veth_of_the_jobs_name_is_refused_until_reaped(
+    node, net_config, job_id, monkeypatch
+):
+    """create() waits for a veth of the cage's name to go (the kernel deletes a destroyed
+    cage's asynchronously); one that stays is refused with a hint to reap, leaving
+    nothing; once reap's delete_link removed it, the job gets its cage."""
+    monkeypatch.setattr(netns_mod, "LINK_GONE_TIMEOUT_SECONDS", 0.05)
+    host_veth, _ = veth_names(job_id)
+    peer = host_veth[:-1] + "p"  # not a cage veth's name
+    world_mod.ip("-n", node.node, "link", "add", host_veth, "type", "veth", "peer", "name", peer)
+    try:
+        with pytest.raises(CageExistsError, match="jobcage reap"):
+            NetworkCage.create(job_id, net_config)
+        assert not os.path.exists(f"/run/netns/{netns_name(job_id)}")
+        assert host_veth in netns_mod.cage_veths()
+        netns_mod.delete_link(host_veth)
+        netns_mod.delete_link(host_veth)  # idempotent
+        assert not netns_mod.link_exists(peer)
+        NetworkCage.create(job_id, net_config).destroy()
+    finally:
+        if netns_mod.link_exists(host_veth):
+            world_mod.ip("-n", node.node, "link", "del", host_veth)

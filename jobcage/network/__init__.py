@@ -2,9 +2,10 @@
 uplink, with iptables rules that count the job's LAN and WAN traffic.
 
 Modules: ``addresses`` (the address pool and its leases), ``netns`` (namespace, veth,
-addresses, routes, forwarding, DNS; pyroute2), ``rules`` (the rule layout as data),
-``firewall`` (the layout over python-iptables, behind a small interface), ``cage``
-(:class:`NetworkCage`, tying them together). See docs/network.md.
+addresses, routes, forwarding, DNS) over ``rtnl`` (batched raw rtnetlink), ``rules``
+(the rule layout as data), ``firewall`` (the layout over python-iptables, behind a
+small interface), ``cage`` (:class:`NetworkCage`, tying them together). See
+docs/network.md.
 """
 
 from .cage import NetworkCage, Orphan, find_orphans, read_counters, remove_orphan

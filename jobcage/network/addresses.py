@@ -111,11 +111,12 @@ class LeaseStore:
             os.close(fd)
 
     def _taken(self) -> dict[int, str]:
-        held: dict[int, str] = {}
-        for name in os.listdir(self.leases_dir):
-            if name.isdigit():
-                held[int(name)] = _read(os.path.join(self.leases_dir, name))
-        return held
+        return {i: _read(os.path.join(self.leases_dir, str(i))) for i in self._indexes()}
+
+    def _indexes(self) -> set[int]:
+        """The leased indexes, from the directory listing alone: acquire needs no
+        more, and reading every lease cost 9 ms of a cage's 16 with 400 others."""
+        return {int(name) for name in os.listdir(self.leases_dir) if name.isdigit()}
 
     def held(self) -> dict[int, str]:
         """index -> job id of every lease now."""
@@ -126,7 +127,7 @@ class LeaseStore:
         """Lease the lowest free subnet to ``job_id``; also say whether it is the only
         lease (the first cage on the node, which sets up what cages share)."""
         with self._locked():
-            taken = self._taken()
+            taken = self._indexes()
             index = self.pool.first_free(taken)
             path = os.path.join(self.leases_dir, str(index))
             # O_EXCL as well as the lock: a lease written by a process that does not

@@ -27,7 +27,8 @@ from ..ids import netns_name as make_netns_name
 from ..ids import validate_job_id, veth_names
 from . import netns
 from .addresses import AddressPool, LeaseStore
-from .firewall import Firewall, open_firewall
+from .firewall import Firewall, all_firewalls, open_firewall, resolve_firewall
+from .nftables import TABLE_LABEL
 from .rules import (
     CAGE_CHAIN_PREFIX,
     SHARED_PREFIX,
@@ -67,6 +68,8 @@ class NetworkCage:
     allow_node_access: bool
     state_dir: str
     resolv_conf_path: str | None = None
+    # Which backend holds the rules: fixed at create, kept in the record, so that a
+    # changed config never makes JobCage look for a cage's rules in the wrong place.
     firewall_backend: str = "iptables-legacy"
     _final: NetCounters | None = field(default=None, repr=False)
     _destroyed: bool = field(default=False, repr=False)
@@ -88,7 +91,7 @@ class NetworkCage:
         )
 
     def _firewall(self) -> Firewall:
-        return open_firewall()
+        return open_firewall(self.firewall_backend)
 
     def _leases(self) -> LeaseStore:
         return LeaseStore(self.state_dir, AddressPool(self.pool))
@@ -127,6 +130,7 @@ class NetworkCage:
             campus_networks=campus,
             allow_node_access=config.allow_node_access,
             state_dir=config.state_dir,
+            firewall_backend=resolve_firewall(config.firewall),
         )
         # Rollback removes only what this call built: with a duplicate job id, the
         # names (netns, chains, resolv.conf) are the running cage's.
@@ -221,10 +225,22 @@ class NetworkCage:
                 # job; nothing to count and nothing lost. Chains gone alone is a loss.
                 if os.path.exists(self.netns_path):
                     errors.append(e)
+        netns_left: list[bool] = []
+
+        def drop_netns() -> None:
+            if remove_netns:
+                try:
+                    netns.remove(self.netns_name)
+                except BaseException:
+                    netns_left.append(True)
+                    raise
+
         steps = [
             lambda: firewall.remove(self.plan) if remove_rules else None,
-            lambda: netns.remove(self.netns_name) if remove_netns else None,
-            lambda: self._leases().release(self.lease_index, self.job_id),
+            drop_netns,
+            # Kept while the netns lingers: its eth0 still holds the address, and the
+            # lease is what lets `jobcage reap` find the netns as this node's orphan.
+            lambda: None if netns_left else self._leases().release(self.lease_index, self.job_id),
             lambda: netns.remove_resolv_conf(self.netns_name) if remove_resolv else None,
         ]
         for step in steps:
@@ -254,8 +270,11 @@ class NetworkCage:
             "state_dir": self.state_dir,
             "resolv_conf_path": self.resolv_conf_path,
             "firewall": self.firewall_backend,
-            "chains": {"filter": list(plan.chain_names)},
+            "chains": {self._firewall_table(): list(plan.chain_names)},
         }
+
+    def _firewall_table(self) -> str:
+        return TABLE_LABEL if self.firewall_backend == "nftables" else "filter"
 
     @classmethod
     def from_record(cls, record: dict[str, Any], config: Config | None = None) -> NetworkCage:
@@ -293,7 +312,10 @@ def read_counters(cages: Sequence[NetworkCage]) -> dict[str, NetCounters | None]
     chains are gone maps to None; a destroyed cage to its final counters.
     """
     live = [c for c in cages if not c._destroyed]
-    found = open_firewall().counters_many([c.plan for c in live]) if live else {}
+    found: dict[str, NetCounters | None] = {}
+    for backend in sorted({c.firewall_backend for c in live}):
+        plans = [c.plan for c in live if c.firewall_backend == backend]
+        found.update(open_firewall(backend).counters_many(plans))
     out: dict[str, NetCounters | None] = {}
     for cage in cages:
         out[cage.job_id] = cage._final if cage._destroyed else found.get(cage.host_veth)
@@ -356,23 +378,45 @@ def find_orphans(config: Config) -> list[Orphan]:
                 f"{CAGE_CHAIN_PREFIX}{_cage_hash(host_veth)}-{s}"
                 for s in ("FTX", "FRX", "NTX", "NRX")
             )
-    orphans = [Orphan("netns", n) for n in netns.cage_netns_names() if n not in known_netns]
-    orphans += [Orphan("veth", n) for n in netns.cage_veths() if n not in known_veths]
-    chains = open_firewall().our_chains()
-    cage_chains = [c for c in chains.get("filter", []) if c.startswith(CAGE_CHAIN_PREFIX)]
-    orphans += [Orphan("chain", c, "filter") for c in cage_chains if c not in known_chains]
-    if not cage_chains:
-        for table, names_ in chains.items():
-            orphans += [Orphan("shared", c, table) for c in names_ if c.startswith(SHARED_PREFIX)]
     try:
         pool = AddressPool(config.address_pool)
         held = LeaseStore(config.state_dir, pool).held()
     except JobCageError:
         held = {}
+    # /run/netns is the machine's: a netns is this state dir's only while one of its
+    # leases names the job (a lease is taken before the netns is made and released only
+    # after it is gone), so a second JobCage (another state dir, a test run) is never
+    # reaped from here.
+    leased_netns = {make_netns_name(job) for job in held.values()}
+    orphans = [
+        Orphan("netns", n)
+        for n in netns.cage_netns_names()
+        if n not in known_netns and n in leased_netns
+    ]
+    orphans += [Orphan("veth", n) for n in netns.cage_veths() if n not in known_veths]
+    for firewall in all_firewalls():
+        chains = firewall.our_chains()
+        cage_chains = [
+            (table, c)
+            for table, names_ in chains.items()
+            for c in names_
+            if c.startswith(CAGE_CHAIN_PREFIX)
+        ]
+        orphans += [Orphan("chain", c, t) for t, c in cage_chains if c not in known_chains]
+        if not cage_chains:
+            for table, names_ in chains.items():
+                orphans += [
+                    Orphan("shared", c, table) for c in names_ if c.startswith(SHARED_PREFIX)
+                ]
     orphans += [
         Orphan("lease", str(i)) for i, job in sorted(held.items()) if job not in known_jobs
     ]
     return orphans
+
+
+def _firewall_of(orphan: Orphan) -> Firewall:
+    """The backend whose table ``orphan`` was found in."""
+    return open_firewall("nftables" if orphan.table == TABLE_LABEL else "iptables-legacy")
 
 
 def remove_orphan(orphan: Orphan, config: Config) -> None:
@@ -386,9 +430,9 @@ def remove_orphan(orphan: Orphan, config: Config) -> None:
             raise NetworkError(f"{orphan.name} is not a JobCage veth; not removing it")
         netns.delete_link(orphan.name)
     elif orphan.kind == "chain":
-        open_firewall().remove_orphan_chain(orphan.name)
+        _firewall_of(orphan).remove_orphan_chain(orphan.name)
     elif orphan.kind == "shared":
-        open_firewall().remove_orphan_chain("")
+        _firewall_of(orphan).remove_orphan_chain("")
     elif orphan.kind == "lease":
         store = LeaseStore(config.state_dir, AddressPool(config.address_pool))
         job_id = store.held().get(int(orphan.name))

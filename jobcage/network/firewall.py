@@ -1,9 +1,11 @@
 """Rules and counters: the one place that talks to the node's packet filter.
 
-The cage only sees :class:`Firewall` (install a cage, remove it, read its counters);
-:class:`IptablesLegacyFirewall` implements it over python-iptables, which drives the
-legacy x_tables backend through libiptc. An nftables backend would be a second
-subclass, chosen in :func:`open_firewall`.
+The cage only sees :class:`Firewall` (install a cage, remove it, read its counters).
+Two backends implement it: :class:`~.nftables.NftablesFirewall` (a table of JobCage's
+own; the default where the kernel has nf_tables) and :class:`IptablesLegacyFirewall`
+here, over python-iptables, which drives the legacy x_tables backend through libiptc.
+:func:`open_firewall` picks one by the config's ``firewall``; a cage's record names
+the backend that holds its rules.
 
 Facts about libiptc that shape this module:
 
@@ -43,7 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CageExistsError, KernelFeatureError, NetworkError
+from ..errors import CageExistsError, ConfigError, KernelFeatureError, NetworkError
 from . import hooks, xtables_read
 from .compiled import Entry, EntryCache
 from .rules import (
@@ -130,8 +132,38 @@ class Firewall(abc.ABC):
         """table -> names of every JobCage chain in it (for reap and doctor)."""
 
 
-def open_firewall() -> Firewall:
+def open_firewall(name: str = "auto") -> Firewall:
+    """The backend ``name`` (a config ``firewall`` value, or a record's)."""
+    resolved = resolve_firewall(name)
+    if resolved == "nftables":
+        from .nftables import NftablesFirewall
+
+        return NftablesFirewall()
     return IptablesLegacyFirewall()
+
+
+def resolve_firewall(name: str) -> str:
+    """The backend a config's ``firewall`` means on this kernel ("auto": nftables
+    where the kernel has nf_tables, else iptables-legacy)."""
+    if name == "auto":
+        return "nftables" if _nf_tables_available() else IptablesLegacyFirewall.name
+    if name not in ("nftables", IptablesLegacyFirewall.name):
+        raise ConfigError(f"firewall = {name!r}: expected auto, nftables or iptables-legacy")
+    return name
+
+
+@functools.cache
+def _nf_tables_available() -> bool:
+    from . import nfnl
+
+    return nfnl.available()
+
+
+def all_firewalls() -> list[Firewall]:
+    """Every backend, for reap and doctor: a node may hold cages of both (a config
+    changed while jobs ran)."""
+    legacy: Firewall = IptablesLegacyFirewall()
+    return [open_firewall("nftables"), legacy] if _nf_tables_available() else [legacy]
 
 
 # -- python-iptables ------------------------------------------------------------------
@@ -519,31 +551,59 @@ def node_iptables_backend() -> str:
     return match.group(1) if match else "legacy"
 
 
-def _count_rules(command: list[str]) -> int | None:
-    exe = shutil.which(command[0])
+def _save(command: str) -> str | None:
+    exe = shutil.which(command)
     if exe is None:
         return None
     try:
-        out = subprocess.run(
-            [exe, *command[1:]], capture_output=True, text=True, timeout=30, check=True
-        )
+        out = subprocess.run([exe], capture_output=True, text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("-A "))
+    return out.stdout
 
 
-def firewall_report() -> FirewallReport:
-    """Detect the node's iptables flavour and whether rules live in both backends."""
+def _count_rules(saved: str | None) -> int | None:
+    if saved is None:
+        return None
+    return sum(1 for line in saved.splitlines() if line.startswith("-A "))
+
+
+def _forward_drops(saved: str | None) -> bool:
+    """Whether a saved ruleset's filter FORWARD policy is DROP (Docker sets it)."""
+    return saved is not None and any(
+        line.startswith(":FORWARD DROP") for line in saved.splitlines()
+    )
+
+
+def firewall_report(backend: str = "auto") -> FirewallReport:
+    """Detect the node's iptables flavour, where JobCage's rules go (``backend``, the
+    config's ``firewall``) and what on the node would interfere with them."""
     node = node_iptables_backend()
-    legacy = _count_rules(["iptables-legacy-save"])
-    nft = _count_rules(["iptables-nft-save"])
+    ours = resolve_firewall(backend)
+    legacy_saved = _save("iptables-legacy-save")
+    nft_saved = _save("iptables-nft-save")
+    legacy, nft = _count_rules(legacy_saved), _count_rules(nft_saved)
     warnings = []
     if node == "missing":
         warnings.append(
             "no `iptables` command: install the iptables package (python-iptables needs "
             "its libiptc and extensions)"
         )
-    if node == "nf_tables":
+    if ours == "nftables":
+        drops = [
+            flavour
+            for flavour, saved in (("legacy", legacy_saved), ("nf_tables", nft_saved))
+            if _forward_drops(saved)
+        ]
+        if drops:
+            warnings.append(
+                f"the node's {' and '.join(drops)} iptables FORWARD policy is DROP, and "
+                "JobCage's accepts (table ip jobcage) do not override another table's "
+                "drop: the cages get no traffic out. Add `iptables -I FORWARD -i jc+ -j "
+                "ACCEPT` and `iptables -I FORWARD -o jc+ -j ACCEPT` to the node's rules "
+                '(with that flavour\'s iptables), or set firewall = "iptables-legacy"'
+            )
+    elif node == "nf_tables":
         warnings.append(
             "the node's `iptables` is the nf_tables flavour but JobCage's rules are legacy "
             "x_tables: see them with `iptables-legacy-save`, not `iptables -L`; a packet "
@@ -557,7 +617,7 @@ def firewall_report() -> FirewallReport:
         )
     return FirewallReport(
         node_iptables=node,
-        jobcage_backend=IptablesLegacyFirewall.name,
+        jobcage_backend=ours,
         legacy_rules=legacy,
         nft_rules=nft,
         warnings=warnings,
@@ -568,8 +628,10 @@ __all__ = [
     "Firewall",
     "FirewallReport",
     "IptablesLegacyFirewall",
+    "all_firewalls",
     "firewall_report",
     "node_iptables_backend",
     "open_firewall",
+    "resolve_firewall",
     "xtables_lock",
 ]

@@ -1,5 +1,5 @@
-"""The namespace side of a cage, over pyroute2: the netns, the veth pair, addresses,
-the default route, forwarding and the cage's resolv.conf.
+"""The namespace side of a cage, over raw rtnetlink (:mod:`.rtnl`): the netns, the
+veth pair, addresses, the default route, forwarding and the cage's resolv.conf.
 
 Costs that shape it (BASELINE.md, kernel 6.18):
 
@@ -8,8 +8,17 @@ Costs that shape it (BASELINE.md, kernel 6.18):
   ~1.3 ms. So a helper *thread* unshare()s into the new netns (network namespaces are
   per thread, and a new thread starts in its creator's) and creates ``eth0`` there
   with the node-side peer placed in the node's namespace in the same RTM_NEWLINK.
-* ``IPRoute(netns=...)`` forks a helper process (~3.4 ms); a plain ``IPRoute()``
-  opened in that thread binds its socket to the thread's namespace instead.
+* A netlink socket belongs to the netns of the thread that opened it: the helper thread
+  opens one after unshare() for the cage's side, the caller one for the node's side.
+* pyroute2 cost ~1 ms per request and ~0.8 ms per ``IPRoute()`` open (its asyncio
+  loop): 7 requests and 2 opens per cage, ~5.5-6.7 ms for create+remove, plus ~110 ms
+  for the first in a process (importing pyroute2). Now the cage's side is one write of
+  five messages (veth, lo up, address, default route, and a RTM_GETLINK of ``eth0``
+  whose IFLA_LINK is the peer's index on the node: ~0.5 ms), and the node's side one
+  write of address + up (~0.1 ms): two round trips where tools/benchmarks/floor.py
+  makes three; create+remove ~1.6-1.9 ms against the floor's ~1.3-1.5 ms (the rest is
+  the IPv6 sysctls and /run/netns, which the floor skips). Why :mod:`.rtnl` encodes
+  with ``struct`` and not pyroute2's message classes is in its docstring.
 * Deleting a veth synchronously costs ~30 ms (RCU again); unmounting the netns returns
   at once and the kernel's cleanup_net work deletes both ends afterwards. Teardown
   does only that: traffic of a veth whose cage is gone is dropped by the fail-closed
@@ -25,10 +34,10 @@ import ipaddress
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from ..errors import CageExistsError, KernelFeatureError, NetworkError
+from ..errors import CageExistsError, JobCageError, KernelFeatureError, NetworkError
 from ..ids import NAME_PREFIX, VETH_PREFIX
 from ..syscalls import (
     CLONE_NEWNET,
@@ -39,7 +48,7 @@ from ..syscalls import (
 )
 from ..syscalls import check as _check
 from ..syscalls import libc as _libc
-from . import hooks
+from . import hooks, rtnl
 
 NETNS_RUN_DIR = "/run/netns"
 NETNS_ETC_DIR = "/etc/netns"
@@ -49,6 +58,7 @@ IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 JOB_IFNAME = "eth0"
 LOOPBACK_IFINDEX = 1
 JOB_IFINDEX = 2
+IFNAMSIZ = 16  # with the terminating NUL
 
 # How long create() waits for the kernel to finish deleting a previous cage's veth of
 # the same name (netns cleanup runs asynchronously in the cleanup_net workqueue).
@@ -96,46 +106,93 @@ def _write_sysctl(path: str, value: str) -> bool:
     return True
 
 
-def _netlink_error(e: BaseException, what: str) -> Exception:
+def _netlink_error(e: BaseException, what: str | None) -> Exception:
+    """A JobCage error for a refused request; ``what`` goes before the request's own
+    words (a :class:`rtnl.NetlinkError` says which request failed, and why)."""
     code = getattr(e, "code", None)
-    if code in (errno.EOPNOTSUPP, errno.ENOTSUP):
+    text = f"{what}: {e}" if what else str(e)
+    request = getattr(e, "request", None)
+    creates_link = request is None or request.creates_link
+    if code in (errno.EOPNOTSUPP, errno.ENOTSUP) and creates_link:
         return KernelFeatureError(
-            f"{what}: the kernel does not support veth pairs; enable CONFIG_VETH "
+            f"{text}: the kernel does not support veth pairs; enable CONFIG_VETH "
             "(or load the veth module)"
         )
     if code == errno.EPERM:
-        return NetworkError(f"{what}: operation not permitted; JobCage needs CAP_NET_ADMIN")
-    return NetworkError(f"{what}: {e}")
+        return NetworkError(f"{text}: JobCage needs CAP_NET_ADMIN")
+    return NetworkError(text)
 
 
-def _link_index(ipr, ifname: str) -> int | None:
-    """RTM_GETLINK by name: one answer, where link_lookup() would dump every link of
-    the node (hundreds with hundreds of cages)."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        return ipr.link("get", ifname=ifname)[0]["index"]
-    except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return None
-        raise
+def _link_index(nl: rtnl.Socket, ifname: str) -> int | None:
+    """RTM_GETLINK by name: one answer, where a dump would list every link of the
+    node (hundreds with hundreds of cages)."""
+    request = rtnl.get_link(name=ifname)
+    (answer,) = nl.talk([request])
+    if answer.error == errno.ENODEV:
+        return None
+    rtnl.raise_first_error([request], [answer])
+    return rtnl.ifinfo_index(answer.replies[0])
 
 
-def _wait_link_gone(ipr, ifname: str, timeout: float = LINK_GONE_TIMEOUT_SECONDS) -> bool:
-    deadline = time.monotonic() + timeout
-    while _link_index(ipr, ifname) is not None:
+def _link_names(nl: rtnl.Socket, indexes: Iterable[int]) -> dict[int, str]:
+    """The names of these links, in one write; links gone meanwhile are left out."""
+    requests = [rtnl.get_link(index=index) for index in sorted(set(indexes))]
+    if not requests:
+        return {}
+    names = {}
+    for request, answer in zip(requests, nl.talk(requests), strict=True):
+        if answer.error == errno.ENODEV:
+            continue
+        rtnl.raise_first_error([request], [answer])
+        reply = answer.replies[0]
+        name = rtnl.ifinfo_attrs(reply).get(rtnl.IFLA_IFNAME)
+        names[rtnl.ifinfo_index(reply)] = rtnl.text(name) if name else ""
+    return names
+
+
+def _wait_link_gone(nl: rtnl.Socket, ifname: str, timeout: float | None = None) -> bool:
+    deadline = time.monotonic() + (LINK_GONE_TIMEOUT_SECONDS if timeout is None else timeout)
+    while _link_index(nl, ifname) is not None:
         if time.monotonic() > deadline:
             return False
         time.sleep(LINK_GONE_POLL_SECONDS)
     return True
 
 
+def _cage_requests(plan: NetnsPlan, node_fd: int) -> list[rtnl.Request]:
+    """The cage's side in one write. A new netns numbers its devices itself (lo is
+    LOOPBACK_IFINDEX, 1), so eth0 asks for index 2 and every later message can name it;
+    it is brought up in the same RTM_NEWLINK (rtnl_configure_link applies ifi_flags)."""
+    gateway = plan.host_address.ip
+    return [
+        rtnl.new_veth(
+            JOB_IFNAME,
+            JOB_IFINDEX,
+            plan.host_veth,
+            node_fd,
+            up=True,
+            what=f"creating the veth pair {JOB_IFNAME}/{plan.host_veth}",
+        ),
+        rtnl.set_up(LOOPBACK_IFINDEX, "bringing lo up in the cage"),
+        rtnl.new_address(JOB_IFINDEX, plan.job_address, f"adding {plan.job_address} to eth0"),
+        rtnl.new_default_route(gateway, f"adding the cage's default route via {gateway}"),
+        # Its IFLA_LINK is the peer's index on the node: no RTM_GETLINK there.
+        rtnl.get_link(index=JOB_IFINDEX, what=f"reading {JOB_IFNAME}"),
+    ]
+
+
+def _peer_index(answer: rtnl.Answer) -> int | None:
+    """The node-side index from eth0's RTM_GETLINK reply; None if it does not say
+    (kernels leave IFLA_LINK out when it equals the link's own index)."""
+    if not answer.replies:
+        return None
+    link = rtnl.ifinfo_attrs(answer.replies[0]).get(rtnl.IFLA_LINK)
+    return (rtnl.u32(link) or None) if link else None
+
+
 def create(plan: NetnsPlan) -> None:
     """Build the netns with ``eth0`` up, addressed and routed, and its node-side peer
     up and addressed. Leaves nothing behind on failure."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
     hooks.check()
     path = plan.netns_path
     try:
@@ -153,8 +210,9 @@ def create(plan: NetnsPlan) -> None:
         raise NetworkError(f"cannot create {path}: {e.strerror}") from e
 
     failure: list[BaseException] = []
+    peer: list[int | None] = []
 
-    def inside() -> None:
+    def inside(node: rtnl.Socket) -> None:
         try:
             node_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -170,88 +228,60 @@ def create(plan: NetnsPlan) -> None:
                 # born without one.
                 for knob in ("all", "default"):
                     _write_sysctl(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6", "1")
-                with IPRoute() as ipr:
-                    peer = {"ifname": plan.host_veth, "net_ns_fd": node_fd}
-                    # Each pyroute2 request costs ~1 ms, so none is spent on lookups: a
-                    # new netns numbers its devices itself (lo is LOOPBACK_IFINDEX, 1),
-                    # so eth0 asks for index 2 and is brought up in the same
-                    # RTM_NEWLINK (rtnl_configure_link applies ifi_flags).
-                    new_link = {
-                        "ifname": JOB_IFNAME,
-                        "kind": "veth",
-                        "index": JOB_IFINDEX,
-                        "state": "up",
-                        "peer": peer,
-                    }
-                    try:
-                        ipr.link("add", **new_link)
-                    except NetlinkError as e:
-                        if e.code != errno.EEXIST:
-                            raise _netlink_error(e, "creating the veth pair") from e
+                requests = _cage_requests(plan, node_fd)
+                with rtnl.Socket() as cage:
+                    answers = cage.talk(requests)
+                    if answers[0].error == errno.EEXIST:
                         # The node-side name exists: maybe the previous cage of this job,
-                        # whose netns the kernel is still cleaning up. Wait for it.
-                        with _in_netns(node_fd), IPRoute() as node:
-                            gone = _wait_link_gone(node, plan.host_veth)
-                        if not gone:
+                        # whose netns the kernel is still cleaning up. Wait for it. The
+                        # rest of the batch failed for want of eth0 (lo up is harmless
+                        # twice): send it all again.
+                        if not _wait_link_gone(node, plan.host_veth):
                             raise CageExistsError(
                                 f"a link named {plan.host_veth} already exists on the node: "
                                 "a cage of this job is running, or a leftover; run "
                                 f"`jobcage reap` (or `ip link del {plan.host_veth}`)"
-                            ) from e
-                        ipr.link("add", **new_link)
-                    ipr.link("set", index=LOOPBACK_IFINDEX, state="up")
-                    ipr.addr(
-                        "add",
-                        index=JOB_IFINDEX,
-                        address=str(plan.job_address.ip),
-                        prefixlen=plan.job_address.network.prefixlen,
-                    )
-                    ipr.route("add", gateway=str(plan.host_address.ip))
+                            )
+                        answers = cage.talk(requests)
+                    rtnl.raise_first_error(requests, answers)
+                peer.append(_peer_index(answers[-1]))
             finally:
                 os.close(node_fd)
         except BaseException as e:
             failure.append(e)
 
     try:
-        thread = threading.Thread(target=inside, name=f"jobcage-netns-{plan.netns_name}")
-        thread.start()
-        with IPRoute() as node:
+        # The node's socket, opened by this thread (in the node's netns).
+        with rtnl.Socket() as node:
+            thread = threading.Thread(
+                target=inside, args=(node,), name=f"jobcage-netns-{plan.netns_name}"
+            )
+            thread.start()
             thread.join()
             if failure:
                 raise failure[0]
-            index = _link_index(node, plan.host_veth)
+            index = peer[0] or _link_index(node, plan.host_veth)
             if index is None:
                 raise NetworkError(f"{plan.host_veth} vanished right after it was created")
             _write_sysctl(f"/proc/sys/net/ipv6/conf/{plan.host_veth}/disable_ipv6", "1")
-            node.addr(
-                "add",
-                index=index,
-                address=str(plan.host_address.ip),
-                prefixlen=plan.host_address.network.prefixlen,
+            node.check(
+                [
+                    rtnl.new_address(
+                        index, plan.host_address, f"adding {plan.host_address} to {plan.host_veth}"
+                    ),
+                    rtnl.set_up(index, f"bringing {plan.host_veth} up"),
+                ]
             )
-            node.link("set", index=index, state="up")
     except BaseException as e:
         with contextlib.suppress(OSError):
             remove(plan.netns_name)
-        if isinstance(e, NetlinkError):
+        if isinstance(e, JobCageError):
+            raise  # CageExistsError is an OSError too: not to be wrapped below
+        if isinstance(e, rtnl.NetlinkError):
             raise _netlink_error(e, f"setting up the network of {plan.netns_name}") from e
         if isinstance(e, OSError):
             raise NetworkError(f"setting up {plan.netns_name}: {e}") from e
         raise
-
-
-@contextlib.contextmanager
-def _in_netns(fd: int) -> Iterator[None]:
-    """Run the calling thread in the netns ``fd`` and come back to where it was."""
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _check(_libc.setns(fd, CLONE_NEWNET), "setns")
-        try:
-            yield
-        finally:
-            _check(_libc.setns(back, CLONE_NEWNET), "setns back")
-    finally:
-        os.close(back)
 
 
 def remove(netns_name: str) -> None:
@@ -275,19 +305,15 @@ def remove(netns_name: str) -> None:
 def delete_link(ifname: str) -> None:
     """Delete a leftover node-side veth (and so its peer). Synchronous, ~30 ms (RCU):
     only for `jobcage reap`, never on the teardown path. Idempotent."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
     hooks.check()
-    with IPRoute() as ipr:
-        index = _link_index(ipr, ifname)
-        if index is None:
-            return
-        try:
-            ipr.link("del", index=index)
-        except NetlinkError as e:
-            if e.code != errno.ENODEV:
-                raise _netlink_error(e, f"deleting {ifname}") from e
+    request = rtnl.delete_link(ifname, f"deleting {ifname}")
+    try:
+        with rtnl.Socket() as nl:
+            (answer,) = nl.talk([request])
+            if answer.error != errno.ENODEV:
+                rtnl.raise_first_error([request], [answer])
+    except rtnl.NetlinkError as e:
+        raise _netlink_error(e, None) from e
 
 
 # -- node-wide settings ---------------------------------------------------------------
@@ -318,21 +344,35 @@ def ensure_forwarding() -> bool:
     return True
 
 
+def _main_routes(nl: rtnl.Socket) -> Iterator[tuple[int, dict[int, bytes], bytes]]:
+    """(dst_len, attributes, message) of each IPv4 route of the main table."""
+    for message in nl.dump(rtnl.dump_routes()):
+        dst_len, table, attrs = rtnl.route_fields(message)
+        # rtm_table is 8 bits; RTA_TABLE has the whole id when present.
+        if rtnl.RTA_TABLE in attrs:
+            table = rtnl.u32(attrs[rtnl.RTA_TABLE])
+        if table == rtnl.RT_TABLE_MAIN:
+            yield dst_len, attrs, message
+
+
 def default_route_interface() -> str:
     """The interface of the IPv4 default route: the uplink the cages are NATed out of."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for route in ipr.route("dump", family=2, table=254):
-            if route["dst_len"] != 0:
-                continue
-            oif = route.get("RTA_OIF")
-            if oif is None:
-                hops = route.get("RTA_MULTIPATH") or []
-                oif = hops[0]["oif"] if hops else None
-            if oif is not None:
-                links = ipr.link("get", index=oif)
-                return links[0].get("IFLA_IFNAME")
+    try:
+        with rtnl.Socket() as nl:
+            for dst_len, attrs, _ in _main_routes(nl):
+                if dst_len != 0:
+                    continue
+                oif = rtnl.u32(attrs[rtnl.RTA_OIF]) if rtnl.RTA_OIF in attrs else None
+                hops = attrs.get(rtnl.RTA_MULTIPATH, b"")
+                if oif is None and len(hops) >= 8:
+                    # struct rtnexthop: len (u16), flags, hops (u8), ifindex (int)
+                    oif = rtnl.u32(hops[4:8])
+                if oif:
+                    name = _link_names(nl, [oif]).get(oif)
+                    if name:
+                        return name
+    except rtnl.NetlinkError as e:
+        raise _netlink_error(e, "finding the node's uplink") from e
     raise NetworkError(
         "the node has no IPv4 default route, so JobCage cannot tell which interface to NAT "
         "the cages out of: set `uplink` in the config"
@@ -340,28 +380,45 @@ def default_route_interface() -> str:
 
 
 def link_exists(ifname: str) -> bool:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        return _link_index(ipr, ifname) is not None
+    if not 0 < len(ifname.encode()) < IFNAMSIZ:
+        return False  # no link can have that name (the kernel would say EINVAL)
+    try:
+        with rtnl.Socket() as nl:
+            return _link_index(nl, ifname) is not None
+    except rtnl.NetlinkError as e:
+        raise _netlink_error(e, f"looking up {ifname!r} on the node") from e
 
 
 def routes_overlapping(pool: str) -> list[str]:
     """Routes of the node (main table) that overlap the pool, other than the cages':
-    a pool that overlaps a real network would shadow it, or be shadowed."""
-    from pyroute2 import IPRoute
+    a pool that overlaps a real network would shadow it, or be shadowed.
 
+    One route dump; links are looked up (in one write) only for the routes that
+    overlap, not dumped, as there is one per cage."""
     network = ipaddress.IPv4Network(pool)
+    overlapping: list[tuple[ipaddress.IPv4Network, int | None]] = []
+    try:
+        with rtnl.Socket() as nl:
+            for dst_len, attrs, _ in _main_routes(nl):
+                if dst_len == 0:
+                    continue
+                address = ipaddress.IPv4Address(attrs.get(rtnl.RTA_DST, bytes(4))[:4])
+                dst = ipaddress.IPv4Network((address, dst_len), strict=False)
+                if dst.overlaps(network):
+                    oif = rtnl.u32(attrs[rtnl.RTA_OIF]) if rtnl.RTA_OIF in attrs else None
+                    overlapping.append((dst, oif))
+            names = _link_names(nl, [oif for _, oif in overlapping if oif])
+    except rtnl.NetlinkError as e:
+        raise _netlink_error(e, "checking the node's routes against the address pool") from e
     found = []
-    with IPRoute() as ipr:
-        names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
-        for route in ipr.route("dump", family=2, table=254):
-            if route["dst_len"] == 0:
-                continue
-            dst = ipaddress.IPv4Network(f"{route.get('RTA_DST')}/{route['dst_len']}", strict=False)
-            dev = names.get(route.get("RTA_OIF"), "") or ""
-            if dst.overlaps(network) and not is_cage_veth(dev):
-                found.append(f"{dst} dev {dev}")
+    for dst, oif in overlapping:
+        if oif and oif not in names:
+            # Its device is gone: a cage's veth the kernel is still cleaning up
+            # after its netns went (the route outlives the lookup by a moment).
+            continue
+        dev = names.get(oif, "") if oif else ""
+        if not is_cage_veth(dev):
+            found.append(f"{dst}" + (f" dev {dev}" if dev else ""))
     return found
 
 
@@ -384,12 +441,13 @@ def cage_netns_names() -> list[str]:
 
 
 def cage_veths() -> list[str]:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        return sorted(
-            n for n in (link.get("IFLA_IFNAME") for link in ipr.get_links()) if is_cage_veth(n)
-        )
+    try:
+        with rtnl.Socket() as nl:
+            links = nl.dump(rtnl.dump_links())
+    except rtnl.NetlinkError as e:
+        raise _netlink_error(e, "listing the node's links") from e
+    names = (rtnl.text(rtnl.ifinfo_attrs(link).get(rtnl.IFLA_IFNAME, b"")) for link in links)
+    return sorted(n for n in names if is_cage_veth(n))
 
 
 # -- DNS ------------------------------------------------------------------------------

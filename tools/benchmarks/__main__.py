@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run a section")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON here")
     parser.add_argument("--markdown", metavar="FILE", help="write a markdown report here")
+    parser.add_argument(
+        "--firewall",
+        choices=("nftables", "iptables-legacy"),
+        action="append",
+        help="network sections for this backend only (default: both)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("tools/bench: run as root", file=sys.stderr)
@@ -41,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if "network" in sections:
         from . import netbench
 
-        result["network"] = netbench.run(quick=args.quick)
+        result["network"] = netbench.run(
+            quick=args.quick, firewalls=tuple(args.firewall or netbench.FIREWALLS)
+        )
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
@@ -98,7 +106,9 @@ def markdown(result: dict) -> str:
     if "network" in result:
         from .netmarkdown import network_markdown
 
-        lines += network_markdown(result["network"])
+        for firewall, figures in result["network"].items():
+            lines += [f"### Network sections, firewall = {firewall}", ""]
+            lines += network_markdown(figures)
     return "\n".join(lines)
 
 

@@ -6,8 +6,12 @@ removed with the fewest calls from Python, sharing no code with jobcage.network.
 * links: one raw rtnetlink write from inside the netns (veth with the node-side peer
   born in the node, eth0 up, lo up, address, default route: 4 messages), then on the
   node side one RTM_GETLINK (the peer's index) and one write of RTM_NEWADDR + up;
-* rules: the cage's 17 rules (plus the shared chains and NAT, as JobCage installs them
-  with the first cage) in one `iptables-legacy-restore --noflush`, removed by another;
+* rules, x_tables: the cage's 17 rules (plus the shared chains and NAT, as JobCage
+  installs them with the first cage) in one `iptables-legacy-restore --noflush`,
+  removed by another;
+* rules, nftables: the same table JobCage makes, shared part included, as one
+  transaction each way, its bytes built before the clock starts (with JobCage's own
+  encoder: the encoding is not what is measured) and sent over a socket kept open;
 * teardown: unmount the netns (the kernel deletes both veth ends).
 """
 
@@ -172,6 +176,41 @@ def restore_input(plan: CagePlan, shared: SharedPlan, add: bool) -> str:
 
 def restore(text: str) -> None:
     subprocess.run(["iptables-legacy-restore", "--noflush", "-w"], input=text.encode(), check=True)
+
+
+class NftFloor:
+    """One nftables transaction in, one out, over a socket kept open (as libnftables
+    keeps its own: closing one after a delete waits for the kernel's cleanup)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETFILTER
+        self.sock.bind((0, 0))
+
+    @staticmethod
+    def batches(plan: CagePlan, shared: SharedPlan) -> tuple[list, list]:
+        """(install, remove) for the node's only cage, each a list of (bytes, number
+        of messages). Removal is two transactions: a set's element count drops only at
+        commit, so the maps' "only if empty" delete must come after the elements'."""
+        from jobcage.network import nfnl, nftables
+
+        add = nftables.shared_messages(shared.pool, shared.uplink) + nftables.cage_messages(plan)
+        removals = [nftables.cage_removal(plan), nftables.shared_removal()]
+        return (
+            [(nfnl.batch_bytes(add), len(add))],
+            [(nfnl.batch_bytes(m), len(m)) for m in removals],
+        )
+
+    def send(self, batches: list) -> None:
+        for batch, answers in batches:
+            self.sock.sendall(batch)
+            for _ in range(answers):
+                data = self.sock.recv(65536)
+                (error,) = struct.unpack_from("=i", data, 16)
+                if error:
+                    raise OSError(-error, os.strerror(-error))
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def setns(fd: int) -> None:

@@ -1,5 +1,6 @@
-"""The network sections of tools/bench in one simulated world, built and removed here:
-networked lifecycle (netlife), scale (N others), datapath and accuracy."""
+"""The network sections of tools/bench, once per firewall backend, each in a simulated
+world of its own, built and removed here: networked lifecycle (netlife), scale (N
+others), datapath and accuracy."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ from jobcage import JobCage
 
 from . import datapath, netlife, scale, world
 
+FIREWALLS = ("nftables", "iptables-legacy")
 
-def run(quick: bool) -> dict:
+
+def run(quick: bool, firewalls: tuple[str, ...] = FIREWALLS) -> dict:
+    """firewall -> that backend's figures."""
+    return {firewall: run_one(quick, firewall) for firewall in firewalls}
+
+
+def run_one(quick: bool, firewall: str) -> dict:
     sizes = [0, 20] if quick else [0, 100, 500, 1000]
     crowded = sizes[-1] if quick else 500
     seconds, reps, requests = (1, 1, 200) if quick else (5, 3, 3000)
     out: dict = {}
-    with world.node() as node:
+    with world.node(firewall) as node:
         datapath.start_http(node)
         out["lifecycle"] = netlife.run(node, runs=3 if quick else 30)
         probe = JobCage(node.job_id("dp"), network=True, config=node.config)
@@ -34,8 +42,9 @@ def run(quick: bool) -> dict:
                         node, cage_path, seconds, reps, requests
                     )
 
-            # The datapath probe is made before the crowd: its jumps are the last of
-            # the shared chains, so its packets walk every other cage's jump first.
+            # The datapath probe is made before the crowd: with x_tables its jumps are
+            # the last of the shared chains, so its packets walk every other cage's
+            # jump first (with nftables a map lookup finds it, wherever it is).
             out["scale"] = scale.run(node, sizes, runs=5 if quick else 20, at_size=at_size)
         finally:
             probe.destroy()

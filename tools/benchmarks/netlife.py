@@ -4,7 +4,8 @@ interleaved (common.measure_interleaved) so that load from elsewhere on the shar
 machine falls on every variant alike.
 
 * floor (tools/benchmarks/floor.py): the same cgroups, netns, veth, addresses, route,
-  rules and NAT with the fewest calls from Python;
+  rules and NAT with the fewest calls from Python, in the node's config's firewall
+  backend (one iptables-legacy-restore, or one prebuilt nftables transaction);
 * recipe: the manual steps scripted for a shell, as an administrator would: `ip netns
   add`, `ip link`/`ip addr`/`ip route`, one `iptables-legacy -w` per rule, cgroupfs
   writes, the job started by `ip netns exec`.
@@ -20,6 +21,7 @@ import ipaddress
 import os
 import subprocess
 import uuid
+from collections.abc import Callable
 
 from jobcage import JobCage
 from jobcage.cgroups import probe
@@ -29,6 +31,7 @@ from jobcage.network.rules import NAT_CHAIN, SharedPlan, cage_plan
 
 from . import floor
 from .common import measure_interleaved, ratio
+from .floor import NftFloor
 from .world import Node, networld
 
 CONTROLLERS = ("freezer", "memory", "cpuacct", "blkio", "pids")
@@ -56,6 +59,7 @@ def run(node: Node, runs: int) -> dict:
     parent = f"{config.cgroup_parent}-floor"
     counter = iter(range(10**9))
     shared = SharedPlan(networld.POOL, "eth0")
+    nft = NftFloor() if config.firewall == "nftables" else None
 
     def veth() -> str:
         # A fresh name each cycle, in the cages' pattern: the kernel deletes the last
@@ -70,17 +74,24 @@ def run(node: Node, runs: int) -> dict:
     def network_only_cycle() -> None:
         NetworkCage.create(node.job_id(f"o{next(counter)}"), config).destroy()
 
-    def floor_network(path: str) -> str:
+    def floor_network(path: str) -> Callable[[], None]:
+        """Build the floor's links and rules; return what removes the rules."""
         name = veth()
         plan = _plan(name, FLOOR_JOB)
+        if nft is not None:
+            add, remove = nft.batches(plan, shared)  # before the clock
+            floor.build_links(path, name, FLOOR_HOST, FLOOR_JOB)
+            nft.send(add)
+            return lambda: nft.send(remove)
         floor.build_links(path, name, FLOOR_HOST, FLOOR_JOB)
         floor.restore(floor.restore_input(plan, shared, add=True))
-        return floor.restore_input(plan, shared, add=False)
+        removal = floor.restore_input(plan, shared, add=False)
+        return lambda: floor.restore(removal)
 
     def floor_network_cycle() -> None:
         path = f"/run/netns/{node.tag}fo{next(counter)}"
-        removal = floor_network(path)
-        floor.restore(removal)
+        remove_rules = floor_network(path)
+        remove_rules()
         floor.remove_netns(path)
 
     def floor_cycle() -> None:
@@ -96,7 +107,7 @@ def run(node: Node, runs: int) -> dict:
         where = dict(zip(mounts, dirs, strict=True))
         write_file(os.path.join(where["memory"], "memory.limit_in_bytes"), "1073741824")
         write_file(os.path.join(where["pids"], "pids.max"), "1000")
-        removal = floor_network(path)
+        remove_rules = floor_network(path)
         fds = [os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY) for d in dirs]
         ns = os.open(path, os.O_RDONLY)
 
@@ -110,7 +121,7 @@ def run(node: Node, runs: int) -> dict:
             os.close(fd)
         write_file(os.path.join(where["freezer"], "freezer.state"), "FROZEN")
         write_file(os.path.join(where["freezer"], "freezer.state"), "THAWED")
-        floor.restore(removal)
+        remove_rules()
         floor.remove_netns(path)
         for d in dirs:
             os.rmdir(d)
@@ -136,6 +147,8 @@ def run(node: Node, runs: int) -> dict:
             warmup=1,
         )
     finally:
+        if nft is not None:
+            nft.close()
         # A failed floor or recipe cycle leaves its (empty) cgroups: remove them.
         for m in mounts.values():
             top = os.path.join(m, parent.lstrip("/"))

@@ -10,12 +10,12 @@ def _fig(d: dict) -> str:
 def network_markdown(net: dict) -> list[str]:
     life = net["lifecycle"]
     lines = [
-        "### Lifecycle, networked (create, spawn `true`, wait, destroy), ms, median / p95",
+        "#### Lifecycle, networked (create, spawn `true`, wait, destroy), ms, median / p95",
         "",
         "| | median / p95 | ratio |",
         "|---|---|---|",
         f"| JobCage(network=True) | {_fig(life['jobcage'])} | {life['jobcage_vs_floor']}x floor |",
-        f"| floor (raw netlink + one iptables-restore) | {_fig(life['floor'])} | 1 |",
+        f"| floor (raw netlink + one rules transaction) | {_fig(life['floor'])} | 1 |",
         f"| recipe (shell: ip, iptables-legacy, cgroupfs) | {_fig(life['recipe'])} | "
         f"{life['recipe_vs_jobcage']}x JobCage |",
         f"| network part only: NetworkCage | {_fig(life['network_only_jobcage'])} | "
@@ -25,7 +25,7 @@ def network_markdown(net: dict) -> list[str]:
     ]
     sc = net["scale"]
     lines += [
-        "### Scale: one cage while N others exist, ms, median / p95",
+        "#### Scale: one cage while N others exist, ms, median / p95",
         "",
         "| N | create+destroy | vs N=0 | live usage() | vs N=0 | read all N, one pass "
         "| read all N, counters() per cage | per cage / one pass | fill ms/cage |",
@@ -42,7 +42,7 @@ def network_markdown(net: dict) -> list[str]:
         )
     lines += ["", f"Draining the crowd: {sc['drain_ms_per_cage']} ms per cage.", ""]
     lines += [
-        "### Datapath: job -> internet host through a cage vs from the node itself",
+        "#### Datapath: job -> internet host through a cage vs from the node itself",
         "",
         "| other cages | iperf3 node Gbit/s | iperf3 cage Gbit/s | cage / node "
         "| HTTP req/s node | HTTP req/s cage | cage / node |",
@@ -56,7 +56,7 @@ def network_markdown(net: dict) -> list[str]:
         )
     lines += [
         "",
-        "### Accuracy: counted bytes vs payload, per class",
+        "#### Accuracy: counted bytes vs payload, per class",
         "",
         "| tool | class | payload bytes | counted bytes | counted / payload |",
         "|---|---|---|---|---|",

@@ -38,7 +38,7 @@ class Node:
 
 
 @contextlib.contextmanager
-def node() -> Iterator[Node]:
+def node(firewall: str = "auto") -> Iterator[Node]:
     """Build the world, run the calling thread in its node, tear it all down after,
     even on failure: cages' and floor namespaces with our tag, the world, the state."""
     hooks.before_change = networld.guard
@@ -49,6 +49,7 @@ def node() -> Iterator[Node]:
         campus_networks=(networld.CAMPUS_NETWORK,),
         address_pool=networld.POOL,
         cgroup_parent=f"/jobcage-bench-{suffix}",
+        firewall=firewall,
     )
     world = NetWorld().build()
     tag = f"b{suffix}"

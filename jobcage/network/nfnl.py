@@ -1,0 +1,634 @@
+"""nf_tables over netlink: the few messages and expressions JobCage's nftables layout
+needs, sent as one transaction per change and read back one object at a time.
+
+Why not libnftables (the `nft` library) or pyroute2's NFTSocket:
+
+* libnftables (1.0.x) reads the whole ruleset into its cache before every command,
+  so one cage's change or counter read costs in proportion to the cages already on
+  the node (measured here, N other cages: add+remove 0.6 ms at N = 0, 15 ms at 500,
+  31 ms at 1000; reading one counter 0.3 → 51 → 96 ms). The kernel side is O(1).
+* pyroute2's NFTSocket sends a batch but never reads the kernel's acknowledgements, so
+  a failed transaction would pass unnoticed; and its expression builders cost more
+  than the few bytes each expression is.
+
+So this module builds the messages itself, on :mod:`.rtnl`'s netlink primitives
+(attributes, message framing, extended-ack errors), and reads every acknowledgement.
+The layout (which chains, rules, maps) is :mod:`.nftables`'s; this module knows the
+wire only. Errors come back as
+:class:`NfnlError` carrying the errno and which message of the batch failed.
+
+Facts of nfnetlink that shape it:
+
+* A batch (BATCH_BEGIN ... BATCH_END) is one transaction: all or nothing, processed
+  in the sender's sendmsg() call, so every reply is queued when sendmsg returns.
+* Missing expression modules are loaded by the kernel, which then replays the batch
+  itself.
+* ``NLM_F_NONREC`` on a delete makes it fail with EBUSY instead of recursing: that is
+  how "remove the shared table only if no cage uses it" is one atomic transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from .rtnl import attr, error_of, messages
+from .rtnl import attrs as parse_attrs
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_EXT_ACK = 11
+NETLINK_CAP_ACK = 10
+
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+NLM_F_NONREC = 0x100  # on a delete: fail with EBUSY rather than recurse
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLM_F_APPEND = 0x800
+NLA_F_NESTED = 0x8000
+
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NFNL_MSG_BATCH_BEGIN = 0x10
+NFNL_MSG_BATCH_END = 0x11
+NFNL_SUBSYS_NFTABLES = 10
+NFPROTO_IPV4 = 2
+
+# enum nf_tables_msg_types
+NEWTABLE, GETTABLE, DELTABLE = 0, 1, 2
+NEWCHAIN, GETCHAIN, DELCHAIN = 3, 4, 5
+NEWRULE = 6
+NEWSET, DELSET = 9, 11
+NEWSETELEM, DELSETELEM = 12, 14
+GETGEN = 16
+NEWOBJ, GETOBJ, DELOBJ = 18, 19, 20
+
+# Attributes (linux/netfilter/nf_tables.h)
+TABLE_NAME, TABLE_FLAGS, TABLE_USE = 1, 2, 3
+CHAIN_TABLE, CHAIN_NAME, CHAIN_HOOK, CHAIN_POLICY, CHAIN_TYPE = 1, 3, 4, 5, 7
+HOOK_HOOKNUM, HOOK_PRIORITY = 1, 2
+RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS = 1, 2, 4
+SET_TABLE, SET_NAME, SET_FLAGS, SET_KEY_TYPE, SET_KEY_LEN = 1, 2, 3, 4, 5
+SET_DATA_TYPE, SET_DATA_LEN, SET_ID, SET_USERDATA = 6, 7, 10, 13
+UDATA_KEYBYTEORDER = 0
+SET_ELEM_KEY, SET_ELEM_DATA = 1, 2
+SET_ELEM_LIST_TABLE, SET_ELEM_LIST_SET, SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+OBJ_TABLE, OBJ_NAME, OBJ_TYPE, OBJ_DATA = 1, 2, 3, 4
+COUNTER_BYTES, COUNTER_PACKETS = 1, 2
+LIST_ELEM = 1
+EXPR_NAME, EXPR_DATA = 1, 2
+DATA_VALUE, DATA_VERDICT = 1, 2
+VERDICT_CODE, VERDICT_CHAIN = 1, 2
+
+NFT_OBJECT_COUNTER = 1
+NFT_SET_MAP = 0x8
+NFT_DATA_VERDICT = 0xFFFFFF00
+TYPE_IFNAME = 41  # nft's datatype id, so that `nft list` prints the maps' key type
+IFNAMSIZ = 16
+
+NF_DROP, NF_ACCEPT, NFT_JUMP = 0, 1, -3
+NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING = 1, 2, 3, 4
+
+REG_VERDICT, REG_1 = 0, 1
+META_IIFNAME, META_OIFNAME = 6, 7
+PAYLOAD_NETWORK_HEADER = 1
+CMP_EQ, CMP_NEQ = 0, 1
+CT_STATE = 0
+# Conntrack state bits as nft's ct expression loads them (host byte order).
+CT_STATE_ESTABLISHED, CT_STATE_RELATED = 1 << 1, 1 << 2
+NFT_REJECT_ICMP_UNREACH = 0
+ICMP_PKT_FILTERED = 13  # "administratively prohibited"
+
+# -- attributes --------------------------------------------------------------------
+
+
+def nest(kind: int, *children: bytes) -> bytes:
+    return attr(kind | NLA_F_NESTED, b"".join(children))
+
+
+def string(kind: int, value: str) -> bytes:
+    return attr(kind, value.encode() + b"\0")
+
+
+def be32(kind: int, value: int) -> bytes:
+    return attr(kind, struct.pack(">I", value & 0xFFFFFFFF))
+
+
+def value(kind: int, data: bytes) -> bytes:
+    return nest(kind, attr(DATA_VALUE, data))
+
+
+def verdict(kind: int, code: int, chain: str | None = None) -> bytes:
+    inner = be32(VERDICT_CODE, code)
+    if chain is not None:
+        inner += string(VERDICT_CHAIN, chain)
+    return nest(kind, nest(DATA_VERDICT, inner))
+
+
+def ifname(name: str) -> bytes:
+    raw = name.encode()
+    if len(raw) >= IFNAMSIZ:
+        raise ValueError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
+    return raw.ljust(IFNAMSIZ, b"\0")
+
+
+# -- expressions -------------------------------------------------------------------
+
+
+def expr(name: str, *data: bytes) -> bytes:
+    return nest(LIST_ELEM, string(EXPR_NAME, name), nest(EXPR_DATA, *data))
+
+
+def meta_load(key: int) -> bytes:
+    return expr("meta", be32(2, key), be32(1, REG_1))  # KEY, DREG
+
+
+def payload_load(offset: int, length: int) -> bytes:
+    # DREG, BASE, OFFSET, LEN
+    return expr(
+        "payload",
+        be32(1, REG_1),
+        be32(2, PAYLOAD_NETWORK_HEADER),
+        be32(3, offset),
+        be32(4, length),
+    )
+
+
+def cmp(op: int, data: bytes) -> bytes:
+    return expr("cmp", be32(1, REG_1), be32(2, op), value(3, data))  # SREG, OP, DATA
+
+
+def bitwise_mask(length: int, mask: bytes) -> bytes:
+    # SREG, DREG, LEN, MASK, XOR
+    return expr(
+        "bitwise",
+        be32(1, REG_1),
+        be32(2, REG_1),
+        be32(3, length),
+        value(4, mask),
+        value(5, b"\0" * length),
+    )
+
+
+def ct_state_load() -> bytes:
+    return expr("ct", be32(1, REG_1), be32(2, CT_STATE))  # DREG, KEY
+
+
+def lookup_verdict(set_name: str) -> bytes:
+    # SET, SREG, DREG (the verdict register: a verdict map)
+    return expr("lookup", string(1, set_name), be32(2, REG_1), be32(3, REG_VERDICT))
+
+
+def objref_counter(name: str) -> bytes:
+    return expr("objref", be32(1, NFT_OBJECT_COUNTER), string(2, name))  # IMM_TYPE, NAME
+
+
+def immediate_verdict(code: int, chain: str | None = None) -> bytes:
+    return expr("immediate", be32(1, REG_VERDICT), verdict(2, code, chain))  # DREG, DATA
+
+
+def reject_admin_prohibited() -> bytes:
+    return expr("reject", be32(1, NFT_REJECT_ICMP_UNREACH), attr(2, bytes([ICMP_PKT_FILTERED])))
+
+
+def counter() -> bytes:
+    """An anonymous counter: what the rule matched, shown by `nft list`."""
+    return expr("counter")
+
+
+def masquerade() -> bytes:
+    return expr("masq")
+
+
+# -- messages ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    """One nf_tables message of a batch; ``what`` names it in errors."""
+
+    kind: int
+    flags: int
+    body: bytes
+    what: str
+
+
+def _nfgen(family: int = NFPROTO_IPV4, res_id: int = 0) -> bytes:
+    return struct.pack("=BBH", family, 0, socket.htons(res_id))
+
+
+def new_table(table: str, *, exclusive: bool) -> Message:
+    return Message(
+        NEWTABLE,
+        NLM_F_CREATE | (NLM_F_EXCL if exclusive else 0),
+        string(TABLE_NAME, table) + be32(TABLE_FLAGS, 0),
+        f"table ip {table}",
+    )
+
+
+def del_table(table: str, *, only_if_empty: bool) -> Message:
+    return Message(
+        DELTABLE,
+        NLM_F_NONREC if only_if_empty else 0,
+        string(TABLE_NAME, table),
+        f"table ip {table}",
+    )
+
+
+def new_chain(
+    table: str,
+    name: str,
+    *,
+    hook: int | None = None,
+    priority: int = 0,
+    chain_type: str = "filter",
+    exclusive: bool = True,
+) -> Message:
+    body = string(CHAIN_TABLE, table) + string(CHAIN_NAME, name)
+    if hook is not None:
+        body += nest(CHAIN_HOOK, be32(HOOK_HOOKNUM, hook), be32(HOOK_PRIORITY, priority))
+        body += be32(CHAIN_POLICY, NF_ACCEPT) + string(CHAIN_TYPE, chain_type)
+    return Message(
+        NEWCHAIN, NLM_F_CREATE | (NLM_F_EXCL if exclusive else 0), body, f"chain {name}"
+    )
+
+
+def del_chain(table: str, name: str) -> Message:
+    """Removes the chain's rules with it (the kernel does, in the same transaction)."""
+    return Message(
+        DELCHAIN, 0, string(CHAIN_TABLE, table) + string(CHAIN_NAME, name), f"chain {name}"
+    )
+
+
+def new_rule(table: str, chain: str, expressions: Sequence[bytes]) -> Message:
+    body = (
+        string(RULE_TABLE, table)
+        + string(RULE_CHAIN, chain)
+        + nest(RULE_EXPRESSIONS, *expressions)
+    )
+    return Message(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, body, f"a rule of chain {chain}")
+
+
+def new_verdict_map(table: str, name: str, set_id: int) -> Message:
+    """An ifname -> verdict map: one hash lookup sends a packet to its cage's chain."""
+    body = (
+        string(SET_TABLE, table)
+        + string(SET_NAME, name)
+        + be32(SET_FLAGS, NFT_SET_MAP)
+        + be32(SET_KEY_TYPE, TYPE_IFNAME)
+        + be32(SET_KEY_LEN, IFNAMSIZ)
+        + be32(SET_DATA_TYPE, NFT_DATA_VERDICT)
+        + be32(SET_DATA_LEN, 0)
+        + be32(SET_ID, set_id)
+        # nft's user data: the key is a string in host byte order (without it `nft
+        # list` prints every key as "").
+        + attr(SET_USERDATA, bytes([UDATA_KEYBYTEORDER, 4]) + struct.pack("=I", 1))
+    )
+    return Message(NEWSET, NLM_F_CREATE | NLM_F_EXCL, body, f"map {name}")
+
+
+def del_set(table: str, name: str, *, only_if_empty: bool) -> Message:
+    return Message(
+        DELSET,
+        NLM_F_NONREC if only_if_empty else 0,
+        string(SET_TABLE, table) + string(SET_NAME, name),
+        f"map {name}",
+    )
+
+
+def _elements(table: str, set_name: str, element: bytes) -> bytes:
+    return (
+        string(SET_ELEM_LIST_TABLE, table)
+        + string(SET_ELEM_LIST_SET, set_name)
+        + nest(SET_ELEM_LIST_ELEMENTS, nest(LIST_ELEM, element))
+    )
+
+
+def new_jump_element(table: str, set_name: str, key_ifname: str, chain: str) -> Message:
+    element = value(SET_ELEM_KEY, ifname(key_ifname)) + verdict(SET_ELEM_DATA, NFT_JUMP, chain)
+    return Message(
+        NEWSETELEM,
+        NLM_F_CREATE | NLM_F_EXCL,
+        _elements(table, set_name, element),
+        f"element {key_ifname} of map {set_name}",
+    )
+
+
+def del_element(table: str, set_name: str, key_ifname: str) -> Message:
+    return Message(
+        DELSETELEM,
+        0,
+        _elements(table, set_name, value(SET_ELEM_KEY, ifname(key_ifname))),
+        f"element {key_ifname} of map {set_name}",
+    )
+
+
+def _obj_key(table: str, name: str) -> bytes:
+    return string(OBJ_TABLE, table) + string(OBJ_NAME, name) + be32(OBJ_TYPE, NFT_OBJECT_COUNTER)
+
+
+def new_counter(table: str, name: str) -> Message:
+    body = (
+        string(OBJ_TABLE, table)
+        + string(OBJ_NAME, name)
+        + be32(OBJ_TYPE, NFT_OBJECT_COUNTER)
+        + nest(OBJ_DATA)
+    )
+    return Message(NEWOBJ, NLM_F_CREATE | NLM_F_EXCL, body, f"counter {name}")
+
+
+def del_counter(table: str, name: str) -> Message:
+    return Message(DELOBJ, 0, _obj_key(table, name), f"counter {name}")
+
+
+# -- talking to the kernel ---------------------------------------------------------
+
+
+class NfnlError(OSError):
+    """The kernel refused a message; ``what`` says which (see :class:`Message`)."""
+
+    def __init__(self, code: int, what: str, detail: str = "") -> None:
+        text = f"{what}: {os.strerror(code)}" + (f" ({detail})" if detail else "")
+        super().__init__(code, text)
+        self.what = what
+
+
+def _open_socket() -> socket.socket:
+    sock = socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+    )
+    try:
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+        sock.bind((0, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Channel:
+    """One nfnetlink socket kept open, for the network namespace it was made in.
+
+    Kept because closing a socket that changed nf_tables waits: the kernel's
+    NETLINK_URELEASE handler (nft_rcv_nl_event) flushes the pending transaction
+    cleanup, an RCU grace period, holding the ruleset's commit mutex (measured here:
+    close() 9.4 ms after a delete, so a remove cost 11 ms instead of 0.1). libnftables
+    keeps its socket for the same reason. One slot: a thread in another netns replaces
+    it (paying that wait once), so no socket pins a netns that was meant to go.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.sock: socket.socket | None = None
+        self.netns: tuple[int, int] | None = None
+        self.seq = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        # The child's copy would share the parent's port: replies could go to either.
+        self.lock = threading.RLock()
+        if self.sock is not None:
+            self.sock.detach()
+        self.sock, self.netns = None, None
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[socket.socket]:
+        st = os.stat("/proc/thread-self/ns/net")
+        here = (st.st_dev, st.st_ino)
+        with self.lock:
+            if self.sock is None or self.netns != here:
+                self.close()
+                self.sock, self.netns = _open_socket(), here
+            sock = self.sock
+            try:
+                while True:  # answers left by an interrupted call
+                    sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            try:
+                yield sock
+            except OSError as e:
+                if not isinstance(e, NfnlError):
+                    self.close()  # in an unknown state: start afresh next time
+                raise
+
+    def next_seq(self, n: int = 1) -> int:
+        """The first of ``n`` consecutive sequence numbers (call holding the lock)."""
+        first = self.seq + 1
+        self.seq = (self.seq + n) % 0x7FFFFFFF
+        return first
+
+    def close(self) -> None:
+        with self.lock:
+            if self.sock is not None:
+                self.sock.close()
+            self.sock, self.netns = None, None
+
+
+_channel = _Channel()
+
+
+def close() -> None:
+    """Close the kept socket (tests and benchmarks do, before a netns of theirs goes)."""
+    _channel.close()
+
+
+def _encode(kind: int, flags: int, seq: int, body: bytes) -> bytes:
+    msg = struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body
+    return msg + b"\0" * (-len(msg) % 4)
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, int, int, bytes, bytes]]:
+    """(type, flags, seq, payload, whole message) of each message in one datagram."""
+    for kind, flags, seq, message in messages(data):
+        yield kind, flags, seq, message[16:], message
+
+
+def batch_bytes(messages: Sequence[Message], first: int = 1) -> bytes:
+    """The wire form of one transaction: BATCH_BEGIN (sequence ``first``), each message
+    (``first + 1`` ...) asking for an acknowledgement, BATCH_END."""
+    batch = _nfgen(0, NFNL_SUBSYS_NFTABLES)
+    parts = [_encode(NFNL_MSG_BATCH_BEGIN, 0, first, batch)]
+    parts += [
+        _encode(
+            (NFNL_SUBSYS_NFTABLES << 8) | msg.kind,
+            NLM_F_ACK | msg.flags,
+            first + i,
+            _nfgen() + msg.body,
+        )
+        for i, msg in enumerate(messages, 1)
+    ]
+    parts.append(_encode(NFNL_MSG_BATCH_END, 0, first + len(messages) + 1, batch))
+    return b"".join(parts)
+
+
+def transact(messages: Sequence[Message]) -> None:
+    """Send ``messages`` as one nf_tables transaction; raise NfnlError for the first
+    message the kernel refused (then nothing of the batch was applied)."""
+    if not messages:
+        return
+    with _channel.use() as sock:
+        first = _channel.next_seq(len(messages) + 2)
+        by_seq = {first + i: msg for i, msg in enumerate(messages, 1)}
+        sock.sendall(batch_bytes(messages, first))
+        pending = set(by_seq)
+        failure: NfnlError | None = None
+        # The kernel answers every message (ack or error) inside sendmsg, so what is
+        # not queued now will not come.
+        while pending:
+            try:
+                data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            for kind, flags, seq, _payload, message in _messages(data):
+                if kind != NLMSG_ERROR or seq not in pending:
+                    continue
+                pending.discard(seq)
+                code, detail = error_of(message, flags)
+                if code and failure is None:
+                    failure = NfnlError(code, by_seq[seq].what, detail)
+    if failure is not None:
+        raise failure
+    if pending:
+        raise NfnlError(errno_mod.EIO, "the nf_tables transaction", "not every message answered")
+
+
+def _request(sock: socket.socket, kind: int, flags: int, body: bytes) -> int:
+    seq = _channel.next_seq()
+    sock.sendall(_encode((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq, _nfgen() + body))
+    return seq
+
+
+def get_counters(table: str, names: Sequence[str]) -> list[tuple[int, int] | None]:
+    """(packets, bytes) of each named counter, None where it does not exist: one
+    NFT_MSG_GETOBJ each, all sent before any answer is read (a hash lookup each in the
+    kernel, whatever else the table holds)."""
+    out: list[tuple[int, int] | None] = [None] * len(names)
+    with _channel.use() as sock:
+        index = {}
+        for i, name in enumerate(names):
+            index[_request(sock, GETOBJ, 0, _obj_key(table, name))] = i
+        while index:
+            data = sock.recv(1 << 16)
+            for kind, flags, seq, payload, message in _messages(data):
+                i = index.pop(seq, None)
+                if i is None:
+                    continue
+                if kind == NLMSG_ERROR:
+                    code, detail = error_of(message, flags)
+                    if code in (errno_mod.ENOENT, 0):
+                        continue
+                    raise NfnlError(code, f"reading counter {names[i]}", detail)
+                out[i] = _counter_of(payload)
+    return out
+
+
+def _counter_of(payload: bytes) -> tuple[int, int]:
+    attrs = parse_attrs(payload, 4)
+    data = parse_attrs(attrs.get(OBJ_DATA, b""))
+    packets = struct.unpack(">Q", data[COUNTER_PACKETS])[0] if COUNTER_PACKETS in data else 0
+    nbytes = struct.unpack(">Q", data[COUNTER_BYTES])[0] if COUNTER_BYTES in data else 0
+    return packets, nbytes
+
+
+def _dump(kind: int, body: bytes) -> Iterator[dict[int, bytes]]:
+    """Attributes of every object a dump returns; nothing if the table is missing."""
+    with _channel.use() as sock:
+        seq = _request(sock, kind, NLM_F_DUMP, body)
+        while True:
+            data = sock.recv(1 << 20)
+            for mkind, flags, mseq, payload, message in _messages(data):
+                if mseq != seq:
+                    continue
+                if mkind == NLMSG_DONE:
+                    return
+                if mkind == NLMSG_ERROR:
+                    code, detail = error_of(message, flags)
+                    if code in (0, errno_mod.ENOENT):
+                        return
+                    raise NfnlError(code, "listing nf_tables objects", detail)
+                yield parse_attrs(payload, 4)
+
+
+def _name(raw: bytes | None) -> str:
+    return (raw or b"").rstrip(b"\0").decode(errors="replace")
+
+
+def dump_counters(table: str) -> dict[str, tuple[int, int]]:
+    """name -> (packets, bytes) of every counter object in ``table``: one dump."""
+    body = string(OBJ_TABLE, table) + be32(OBJ_TYPE, NFT_OBJECT_COUNTER)
+    out = {}
+    for attrs in _dump(GETOBJ, body):
+        if _name(attrs.get(OBJ_TABLE)) != table:
+            continue
+        data = parse_attrs(attrs.get(OBJ_DATA, b""))
+        packets = struct.unpack(">Q", data[COUNTER_PACKETS])[0] if COUNTER_PACKETS in data else 0
+        nbytes = struct.unpack(">Q", data[COUNTER_BYTES])[0] if COUNTER_BYTES in data else 0
+        out[_name(attrs.get(OBJ_NAME))] = (packets, nbytes)
+    return out
+
+
+def dump_chains(table: str) -> list[str]:
+    """Names of every chain in ``table`` (empty if it does not exist)."""
+    return [
+        _name(a.get(CHAIN_NAME))
+        for a in _dump(GETCHAIN, string(CHAIN_TABLE, table))
+        if _name(a.get(CHAIN_TABLE)) == table
+    ]
+
+
+def table_exists(table: str) -> bool:
+    return table_use(table) is not None
+
+
+def table_use(table: str) -> int | None:
+    """How many chains, sets and objects ``table`` holds (None: no such table). One
+    NFT_MSG_GETTABLE: a way to learn "is this the last cage?" without a transaction
+    that might abort (an aborted transaction waits for an RCU grace period: 8-15 ms
+    measured here, against 0.2 ms for a committed one)."""
+    with _channel.use() as sock:
+        seq = _request(sock, GETTABLE, 0, string(TABLE_NAME, table))
+        while True:
+            for kind, flags, mseq, payload, message in _messages(sock.recv(1 << 16)):
+                if mseq != seq:
+                    continue
+                if kind == NLMSG_ERROR:
+                    code, detail = error_of(message, flags)
+                    if code == errno_mod.ENOENT:
+                        return None
+                    raise NfnlError(code or errno_mod.EIO, f"table ip {table}", detail)
+                (use,) = struct.unpack(">I", parse_attrs(payload, 4)[TABLE_USE])
+                return use
+
+
+def available() -> bool:
+    """Whether this kernel speaks nf_tables. nfnetlink loads the module on the first
+    request and answers EAGAIN to it, so a second try tells."""
+    try:
+        with _channel.use() as sock:
+            for _attempt in range(2):
+                seq = _request(sock, GETGEN, 0, b"")
+                code = _answer(sock, seq)
+                if code != errno_mod.EAGAIN:
+                    return code == 0
+    except OSError:
+        pass
+    return False
+
+
+def _answer(sock: socket.socket, seq: int) -> int:
+    """errno of the reply to ``seq`` (0 for a reply that is not an error)."""
+    while True:
+        for kind, flags, mseq, _payload, message in _messages(sock.recv(1 << 16)):
+            if mseq == seq:
+                return error_of(message, flags)[0] if kind == NLMSG_ERROR else 0
