@@ -61,6 +61,7 @@ from .rules import (
     CagePlan,
     NetCounters,
     RuleSpec,
+    counters_by_class,
 )
 
 TABLE = "jobcage"
@@ -352,7 +353,7 @@ class NftablesFirewall(Firewall):
                 f"gone (table ip {TABLE} deleted by hand, or `nft flush ruleset`?): its "
                 "counters are lost"
             )
-        return _net_counters(values)  # type: ignore[arg-type]
+        return counters_by_class(values)  # type: ignore[arg-type]
 
     def counters_many(self, cages: Sequence[CagePlan]) -> dict[str, NetCounters | None]:
         try:
@@ -363,7 +364,7 @@ class NftablesFirewall(Firewall):
         for cage in cages:
             values = {c: everything.get(n) for c, n in counter_names(cage).items()}
             whole = all(v is not None for v in values.values())
-            out[cage.host_veth] = _net_counters(values) if whole else None  # type: ignore[arg-type]
+            out[cage.host_veth] = counters_by_class(values) if whole else None  # type: ignore[arg-type]
         return out
 
     def remove_orphan_chain(self, name: str) -> bool:
@@ -391,19 +392,6 @@ class NftablesFirewall(Firewall):
             return {TABLE_LABEL: nfnl.dump_chains(TABLE)}
         except nfnl.NfnlError as e:
             raise _translate(e, f"listing table ip {TABLE}") from e
-
-
-def _net_counters(values: dict[str, tuple[int, int]]) -> NetCounters:
-    return NetCounters(
-        net_lan_rx_bytes=values[LAN_RX][1],
-        net_lan_tx_bytes=values[LAN_TX][1],
-        net_wan_rx_bytes=values[WAN_RX][1],
-        net_wan_tx_bytes=values[WAN_TX][1],
-        net_lan_rx_packets=values[LAN_RX][0],
-        net_lan_tx_packets=values[LAN_TX][0],
-        net_wan_rx_packets=values[WAN_RX][0],
-        net_wan_tx_packets=values[WAN_TX][0],
-    )
 
 
 __all__ = [

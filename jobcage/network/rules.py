@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..ids import VETH_PREFIX
@@ -258,6 +258,11 @@ def classify(plan: CagePlan, chain_counters: Sequence[Sequence[tuple[int, int]]]
             if rule.counts is not None:
                 totals[rule.counts][0] += packets
                 totals[rule.counts][1] += nbytes
+    return counters_by_class(totals)
+
+
+def counters_by_class(totals: Mapping[str, Sequence[int]]) -> NetCounters:
+    """NetCounters from class -> (packets, bytes), the classes being LAN_TX ... WAN_RX."""
     return NetCounters(
         net_lan_rx_bytes=totals[LAN_RX][1],
         net_lan_tx_bytes=totals[LAN_TX][1],
