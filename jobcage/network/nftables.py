@@ -287,15 +287,18 @@ class NftablesFirewall(Firewall):
 
     def remove(self, cage: CagePlan) -> bool:
         hooks.check()
+        self._remove_cage(cage, f"removing the rules of cage {cage.host_veth}")
+        return self._remove_shared_if_unused()
+
+    def _remove_cage(self, cage: CagePlan, what: str) -> None:
         try:
             nfnl.transact(cage_removal(cage))
         except nfnl.NfnlError as e:
             if e.errno != errno.ENOENT:
-                raise _translate(e, f"removing the rules of cage {cage.host_veth}") from e
+                raise _translate(e, what) from e
             # Partly gone already (an earlier teardown, or by hand): remove what is left,
-            # one object at a time.
-            self._remove_each(cage_removal(cage), f"removing the rules of cage {cage.host_veth}")
-        return self._remove_shared_if_unused()
+            # one object at a time (each missing one costs an aborted transaction).
+            self._remove_each(cage_removal(cage), what)
 
     @staticmethod
     def _remove_each(messages: Sequence[Message], what: str) -> None:
@@ -368,11 +371,12 @@ class NftablesFirewall(Firewall):
         return out
 
     def remove_orphan_chain(self, name: str) -> bool:
-        if name:
-            if not name.startswith(CAGE_CHAIN_PREFIX):
-                raise NetworkError(f"{name} is not a per-cage JobCage chain; not removing it")
-            hooks.check()
-            # The chain's cage: all four chains share the counters, so go as a whole.
+        if name and not name.startswith(CAGE_CHAIN_PREFIX):
+            raise NetworkError(f"{name} is not a per-cage JobCage chain; not removing it")
+        hooks.check()
+        # Reap names each of a cage's four chains; the first call removes the cage
+        # whole (its chains share the counters), the others find their chain gone.
+        if name and name in nfnl.dump_chains(TABLE):
             cage_hash = name[len(CAGE_CHAIN_PREFIX) :].split("-", 1)[0]
             plan = CagePlan(
                 cage_hash=cage_hash,
@@ -382,9 +386,7 @@ class NftablesFirewall(Firewall):
                 campus_networks=(),
                 allow_node_access=False,
             )
-            self._remove_each(cage_removal(plan), f"removing the orphaned chain {name}")
-        else:
-            hooks.check()
+            self._remove_cage(plan, f"removing the orphaned chain {name}")
         return self._remove_shared_if_unused()
 
     def our_chains(self) -> dict[str, list[str]]:
