@@ -48,10 +48,13 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     for name in ("jobcage", "floor", "recipe"):
         assert life[name]["median_ms"] > 0 and life[name]["p95_ms"] >= life[name]["median_ms"]
     assert life["jobcage_vs_floor"] > 0
+    quiet = life["after_idle"]
+    for name in ("jobcage", "floor", "recipe"):
+        assert quiet[name]["median_ms"] > 0
     storm = result["kill"]["100"]
     assert storm["jobcage"]["median_ms"] > 0 and storm["naive_passes"][0] >= 1
     text = out_md.read_text()
-    assert "| JobCage |" in text and "fork storm" in text
+    assert "| JobCage |" in text and "fork storm" in text and "ms idle: floor" in text
 
 
 @pytest.mark.root
@@ -79,6 +82,7 @@ def check_network(net: dict) -> None:
     for name in ("jobcage", "floor", "recipe"):
         assert net["lifecycle"][name]["median_ms"] > 0
     assert net["lifecycle"]["jobcage_vs_floor"] > 0
+    assert net["lifecycle"]["after_idle"]["floor"]["median_ms"] > 0
     for n in net["scale"]["sizes"]:
         assert net["scale"][str(n)]["usage_one"]["p95_ms"] > 0
     assert net["datapath"]["0"]["iperf_gbps_node"] > 0

@@ -354,6 +354,7 @@ def test_fifty_cages_at_once_from_threads(cage_config):
         assert [j.result() for j in jobs] == [0] * 50
 
 
+@pytest.mark.slow  # 111 s under software emulation in tools/vm-test
 def test_fifty_cages_at_once_from_processes(cage_config):
     script = textwrap.dedent(f"""
         import sys

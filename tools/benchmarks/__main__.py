@@ -83,6 +83,7 @@ def markdown(result: dict) -> str:
             f"| floor (raw cgroupfs) | {c['floor']['median_ms']} | {c['floor']['p95_ms']} | 1 |",
             f"| recipe (shell) | {c['recipe']['median_ms']} | {c['recipe']['p95_ms']} | "
             f"{c['recipe_vs_jobcage']}x JobCage |",
+            *common.idle_rows(c["after_idle"], split=True),
             "",
         ]
         net = result.get("lifecycle", {}).get("networked")

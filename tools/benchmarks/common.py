@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+# A pause long enough that the next cgroup migration waits for a grace period again.
+IDLE_S = 0.1
+# A short quiet before each call where sizes, not states, are compared (scale).
+SETTLE_S = 0.02
 
 
 @dataclass
@@ -47,20 +54,98 @@ def measure(name: str, fn: Callable[[], object], runs: int, warmup: int = 2) -> 
 
 
 def measure_interleaved(
-    fns: dict[str, Callable[[], object]], runs: int, warmup: int = 2
+    fns: dict[str, Callable[[], object]],
+    runs: int,
+    warmup: int = 2,
+    before: Callable[[], object] | None = None,
+    seed: int = 0,
 ) -> dict[str, Figure]:
-    """Measure several variants in round-robin, so that load from elsewhere on a shared
-    machine falls on all of them alike and the ratios stay meaningful."""
+    """Measure several variants in rounds, so that load from elsewhere on a shared
+    machine falls on all of them alike and the ratios stay meaningful.
+
+    Each round runs the variants in a fresh (seeded) random order, and ``before`` (by
+    default warm_cgroup_lock) runs untimed before every call so that every variant
+    starts from the same kernel state. Without that, a fixed order made each variant
+    pay for its predecessor: the first cgroup migration after ~50 ms without one waits
+    for an RCU grace period (the rcu_sync of cgroup_threadgroup_rwsem, 7-12 ms here),
+    so whatever followed the slow shell recipe started cold and the floor, which
+    followed JobCage, started warm.
+    """
+    before = warm_cgroup_lock if before is None else before
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    rng = random.Random(seed)
+    names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
-        for name, fn in fns.items():
+        for name in rng.sample(names, len(names)):
+            before()
             t = time.perf_counter()
-            fn()
+            fns[name]()
             samples[name].append((time.perf_counter() - t) * 1000)
     return {name: Figure(name, s) for name, s in samples.items()}
+
+
+@functools.cache
+def _own_procs_file() -> str:
+    """cgroup.procs of the cgroup this process is in, in one mounted hierarchy."""
+    from jobcage.cgroups import probe
+
+    h = probe()
+    with open("/proc/self/cgroup") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(","):
+            if c in h.v1_mounts:
+                return os.path.join(h.v1_mounts[c], path.lstrip("/"), "cgroup.procs")
+    path = next(ln for ln in lines if ln.startswith("0::"))
+    return os.path.join(h.v2_mount or "/sys/fs/cgroup", path[3:].lstrip("/"), "cgroup.procs")
+
+
+def warm_cgroup_lock() -> None:
+    """The state of a busy node, where another job started moments ago: move this
+    process into the cgroup it is already in (a migration that changes nothing but
+    takes cgroup_threadgroup_rwsem for writing), so the next migration, the cycle's
+    own, does not wait for a grace period."""
+    with open(_own_procs_file(), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def idle() -> None:
+    """The state of a quiet node: nothing has started for IDLE_S."""
+    time.sleep(IDLE_S)
+
+
+def settle() -> None:
+    """A fixed short quiet before a call, for comparisons across sizes."""
+    time.sleep(SETTLE_S)
+
+
+def after_idle(figures: dict[str, Figure]) -> dict:
+    """Each variant started after IDLE_S of quiet: what the first job after a pause
+    costs, the kernel's wait included."""
+    out = {"idle_s": IDLE_S}
+    out.update({name: f.as_dict() for name, f in figures.items()})
+    out["jobcage_vs_floor"] = ratio(figures["jobcage"], figures["floor"])
+    if "recipe" in figures:
+        out["recipe_vs_jobcage"] = ratio(figures["recipe"], figures["jobcage"])
+    return out
+
+
+def idle_rows(idle: dict, split: bool = False) -> list[str]:
+    """Markdown rows for after_idle(): split puts median and p95 in columns of their own."""
+    sep = " | " if split else " / "
+    ms = int(idle["idle_s"] * 1000)
+    j, f, r = idle["jobcage"], idle["floor"], idle["recipe"]
+    return [
+        f"| after {ms} ms idle: JobCage | {j['median_ms']}{sep}{j['p95_ms']} | "
+        f"{idle['jobcage_vs_floor']}x floor |",
+        f"| after {ms} ms idle: floor | {f['median_ms']}{sep}{f['p95_ms']} | 1 |",
+        f"| after {ms} ms idle: recipe | {r['median_ms']}{sep}{r['p95_ms']} | "
+        f"{idle['recipe_vs_jobcage']}x JobCage |",
+    ]
 
 
 def ratio(figure: Figure, reference: Figure) -> float:

@@ -20,7 +20,7 @@ from jobcage import Config, JobCage
 from jobcage.cgroups import probe
 from jobcage.cgroups.base import write_file
 
-from .common import measure_interleaved, ratio
+from .common import after_idle, idle, measure_interleaved, ratio
 
 CONTROLLERS = ("freezer", "memory", "cpuacct", "blkio", "pids")
 
@@ -84,6 +84,12 @@ def run(runs: int) -> dict:
         )
         ours, empty = figures["jobcage"], figures["empty"]
         floor, scripted = figures["floor"], figures["recipe"]
+        quiet = measure_interleaved(
+            {"jobcage": jobcage_cycle, "floor": floor_cycle, "recipe": recipe_cycle},
+            max(3, runs // 3),
+            warmup=0,
+            before=idle,
+        )
     finally:
         for m in mounts.values():
             with contextlib.suppress(OSError):
@@ -97,14 +103,15 @@ def run(runs: int) -> dict:
             "recipe": scripted.as_dict(),
             "jobcage_vs_floor": ratio(ours, floor),
             "recipe_vs_jobcage": ratio(scripted, ours),
+            "after_idle": after_idle(quiet),
         }
     }
 
 
 def _recipe_script(mounts: dict[str, str], parent: str) -> str:
     lines = ["set -e", 'job="$1"']
-    for m in mounts.values():
-        lines.append(f'mkdir "{m}{parent}/$job"')
+    for m in mounts.values():  # a JobCage cycle removes the parent when it empties it
+        lines.append(f'mkdir -p "{m}{parent}"; mkdir "{m}{parent}/$job"')
     lines.append(f'echo 1073741824 > "{mounts["memory"]}{parent}/$job/memory.limit_in_bytes"')
     if "pids" in mounts:
         lines.append(f'echo 1000 > "{mounts["pids"]}{parent}/$job/pids.max"')

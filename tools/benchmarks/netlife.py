@@ -30,7 +30,7 @@ from jobcage.network import NetworkCage
 from jobcage.network.rules import NAT_CHAIN, SharedPlan, cage_plan
 
 from . import floor
-from .common import measure_interleaved, ratio
+from .common import after_idle, idle, measure_interleaved, ratio
 from .floor import NftFloor
 from .world import Node, networld
 
@@ -146,6 +146,12 @@ def run(node: Node, runs: int) -> dict:
             runs,
             warmup=1,
         )
+        quiet = measure_interleaved(
+            {"jobcage": jobcage_cycle, "floor": floor_cycle, "recipe": recipe_cycle},
+            max(3, runs // 3),
+            warmup=0,
+            before=idle,
+        )
     finally:
         if nft is not None:
             nft.close()
@@ -161,6 +167,7 @@ def run(node: Node, runs: int) -> dict:
     out = {name: f.as_dict() for name, f in figures.items()}
     out["jobcage_vs_floor"] = ratio(figures["jobcage"], figures["floor"])
     out["recipe_vs_jobcage"] = ratio(figures["recipe"], figures["jobcage"])
+    out["after_idle"] = after_idle(quiet)
     out["network_only_jobcage_vs_floor"] = ratio(
         figures["network_only_jobcage"], figures["network_only_floor"]
     )

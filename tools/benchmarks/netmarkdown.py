@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .common import idle_rows
+
 
 def _fig(d: dict) -> str:
     return f"{d['median_ms']} / {d['p95_ms']}"
@@ -21,6 +23,7 @@ def network_markdown(net: dict) -> list[str]:
         f"| network part only: NetworkCage | {_fig(life['network_only_jobcage'])} | "
         f"{life['network_only_jobcage_vs_floor']}x floor's |",
         f"| network part only: floor | {_fig(life['network_only_floor'])} | 1 |",
+        *idle_rows(life["after_idle"]),
         "",
     ]
     sc = net["scale"]

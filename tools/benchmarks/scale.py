@@ -13,7 +13,7 @@ import time
 from jobcage import JobCage
 from jobcage.network import NetworkCage, read_counters
 
-from .common import Figure, measure_interleaved, ratio
+from .common import Figure, measure_interleaved, ratio, settle
 from .world import Node
 
 
@@ -57,6 +57,10 @@ def measure_at(node: Node, crowd: Crowd, probe: JobCage, runs: int) -> dict:
         },
         runs,
         warmup=1,
+        # The same quiet before every call at every N: otherwise the cage at N = 500
+        # follows a 15 ms read of every counter and the one at N = 0 follows nothing,
+        # and a cycle after a pause costs ~1 ms more (caches, idle CPUs) whatever N is.
+        before=settle,
     )
     out = {name: f.as_dict() for name, f in figures.items()}
     if everyone:
