@@ -16,7 +16,8 @@ from jobcage.errors import (
     KernelFeatureError,
     NetworkError,
 )
-from jobcage.network import NetCounters, NetworkCage, rtnl
+from jobcage.ids import netns_name
+from jobcage.network import NetCounters, NetworkCage, Orphan, remove_orphan, rtnl
 from jobcage.network import netns as netns_mod
 from jobcage.network.addresses import AddressPool, LeaseStore
 from jobcage.network.netns import is_cage_veth, plan_resolv_conf
@@ -526,3 +527,23 @@ def test_default_route_interface_single_and_multipath(monkeypatch):
     _fake(monkeypatch, [("0.0.0.0", 0, 255, 2)], {2: "eno1"})
     with pytest.raises(NetworkError, match="set `uplink`"):
         netns_mod.default_route_interface()
+
+
+def test_reap_keeps_a_lease_while_its_netns_is_still_there(tmp_path, monkeypatch):
+    """The lease is what makes a netns this state dir's orphan (find_orphans): a lease
+    released while its netns lingers would leave that netns to nobody."""
+    config = Config(state_dir=str(tmp_path / "state"), address_pool="100.64.0.0/16")
+    store = LeaseStore(config.state_dir, AddressPool(config.address_pool))
+    lease, _ = store.acquire("j1")
+    run_dir = tmp_path / "netns"
+    run_dir.mkdir()
+    monkeypatch.setattr(netns_mod, "NETNS_RUN_DIR", str(run_dir))
+    lingering = run_dir / netns_name("j1")
+    lingering.touch()
+    orphan = Orphan("lease", str(lease.index))
+    with pytest.raises(NetworkError, match="ip netns del"):
+        remove_orphan(orphan, config)
+    assert store.held() == {lease.index: "j1"}
+    lingering.unlink()
+    remove_orphan(orphan, config)
+    assert store.held() == {}

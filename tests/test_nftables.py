@@ -129,3 +129,15 @@ def test_counters_of_many_cages_come_from_one_dump(node, nft_config, job_id):
     finally:
         for cage in cages:
             cage.destroy()
+
+
+def test_a_long_campus_list_fits_in_one_transaction(node, nft_config, job_id):
+    """Two rules per campus network: 300 networks make a ~200 KB batch of ~620
+    messages, every one acked inside sendmsg, more than default socket buffers hold."""
+    campus = [f"10.{i // 256}.{i % 256}.0/24" for i in range(300)]
+    cage = NetworkCage.create(job_id, nft_config, campus)
+    try:
+        ftx = cage.plan.chain_names[0]
+        assert len(body(nft(node, "list", "chain", "ip", "jobcage", ftx))) == 300 + 3
+    finally:
+        cage.destroy()

@@ -4,6 +4,8 @@ bytes is tested in tests/test_nftables.py (`nft list` of a real table)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import struct
 
 import pytest
@@ -162,3 +164,39 @@ def test_firewall_setting_is_checked():
     )
     with pytest.raises(ConfigError, match="nftables"):
         load_config(environ={"JOBCAGE_FIREWALL": "pf"})
+
+
+class _FakeKernel:
+    """Answers a batch the way nfnetlink does when its commit fails: every message
+    acked with 0, then an error on the batch's begin."""
+
+    def __init__(self, commit_errno: int) -> None:
+        self.commit_errno = commit_errno
+        self.answers: list[bytes] = []
+
+    def sendall(self, batch: bytes) -> None:
+        seqs = [seq for _, _, seq, _, _ in nfnl._messages(batch)]
+        begin, messages = seqs[0], seqs[1:-1]
+        for seq, code in [*((s, 0) for s in messages), (begin, -self.commit_errno)]:
+            body = struct.pack("=i", code) + b"\0" * 16
+            self.answers.append(
+                struct.pack("=IHHII", 16 + len(body), nfnl.NLMSG_ERROR, 0x100, seq, 0) + body
+            )
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        if not self.answers:
+            raise BlockingIOError
+        return self.answers.pop(0)
+
+
+def test_a_commit_that_fails_after_every_message_was_acked_is_a_failure(monkeypatch):
+    kernel = _FakeKernel(errno.ENOMEM)
+
+    @contextlib.contextmanager
+    def use():
+        yield kernel
+
+    monkeypatch.setattr(nfnl._channel, "use", use)
+    with pytest.raises(nfnl.NfnlError, match="transaction") as failed:
+        nfnl.transact([nfnl.new_counter("jobcage", "JC-x-LAN-TX")])
+    assert failed.value.errno == errno.ENOMEM

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import (
+    CageExistsError,
     CageStateError,
     ConfigError,
     JobCageError,
@@ -118,6 +119,7 @@ class NetworkCage:
                 "address_pool to a range used nowhere on campus"
             )
         host_veth, _ = veth_names(job_id)
+        firewall_backend = resolve_firewall(config.firewall)  # may refuse: before the lease
         lease, first = LeaseStore(config.state_dir, pool).acquire(job_id)
         cage = cls(
             job_id=job_id,
@@ -130,7 +132,7 @@ class NetworkCage:
             campus_networks=campus,
             allow_node_access=config.allow_node_access,
             state_dir=config.state_dir,
-            firewall_backend=resolve_firewall(config.firewall),
+            firewall_backend=firewall_backend,
         )
         # Rollback removes only what this call built: with a duplicate job id, the
         # names (netns, chains, resolv.conf) are the running cage's.
@@ -173,6 +175,12 @@ class NetworkCage:
                 remove_rules=built["rules"],
                 remove_netns=built["netns"],
                 remove_resolv=built["resolv"],
+                # A netns that netns.create failed in and could not take back down: its
+                # lease is how `jobcage reap` knows it is this node's (CageExistsError:
+                # the netns is another cage's, not ours).
+                keep_lease=not built["netns"]
+                and not isinstance(e, CageExistsError)
+                and os.path.exists(cage.netns_path),
             )
             for error in errors:
                 e.add_note(f"and rolling back failed too: {error}")
@@ -214,6 +222,7 @@ class NetworkCage:
         remove_rules: bool = True,
         remove_netns: bool = True,
         remove_resolv: bool = True,
+        keep_lease: bool = False,
     ) -> list[BaseException]:
         errors: list[BaseException] = []
         firewall = self._firewall()
@@ -240,7 +249,11 @@ class NetworkCage:
             drop_netns,
             # Kept while the netns lingers: its eth0 still holds the address, and the
             # lease is what lets `jobcage reap` find the netns as this node's orphan.
-            lambda: None if netns_left else self._leases().release(self.lease_index, self.job_id),
+            lambda: (
+                None
+                if netns_left or keep_lease
+                else self._leases().release(self.lease_index, self.job_id)
+            ),
             lambda: netns.remove_resolv_conf(self.netns_name) if remove_resolv else None,
         ]
         for step in steps:
@@ -437,6 +450,14 @@ def remove_orphan(orphan: Orphan, config: Config) -> None:
         store = LeaseStore(config.state_dir, AddressPool(config.address_pool))
         job_id = store.held().get(int(orphan.name))
         if job_id is not None:
+            name = make_netns_name(job_id)
+            if os.path.exists(os.path.join(netns.NETNS_RUN_DIR, name)):
+                # The lease is what makes that netns this state dir's orphan: released
+                # while the netns is still there, nobody would ever reap the netns.
+                raise NetworkError(
+                    f"lease {orphan.name} kept: the netns {name} of job {job_id} is still "
+                    f"there; remove it (ip netns del {name}), then run `jobcage reap` again"
+                )
             store.release(int(orphan.name), job_id)
     else:
         raise NetworkError(f"unknown kind of orphan {orphan.kind!r}")

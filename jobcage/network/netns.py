@@ -273,8 +273,10 @@ def create(plan: NetnsPlan) -> None:
                 ]
             )
     except BaseException as e:
-        with contextlib.suppress(OSError):
+        try:
             remove(plan.netns_name)
+        except (OSError, JobCageError) as cleanup:
+            e.add_note(f"and removing the half-made {plan.netns_name} failed too: {cleanup}")
         if isinstance(e, JobCageError):
             raise  # CageExistsError is an OSError too: not to be wrapped below
         if isinstance(e, rtnl.NetlinkError):

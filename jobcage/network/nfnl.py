@@ -347,6 +347,10 @@ def del_counter(table: str, name: str) -> Message:
 # -- talking to the kernel ---------------------------------------------------------
 
 
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; not in Python's socket
+SOCKET_BUFFER = 8 << 20  # a limit, not an allocation: room for a 300-network campus list
+
+
 class NfnlError(OSError):
     """The kernel refused a message; ``what`` says which (see :class:`Message`)."""
 
@@ -363,6 +367,16 @@ def _open_socket() -> socket.socket:
     try:
         sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+        # A cage's batch grows with its campus list (two rules per network) and the
+        # kernel acks every message inside sendmsg: with the default buffers a list of
+        # ~120 networks overflows them (EMSGSIZE on send, or acks dropped with ENOBUFS
+        # after the commit). nft sizes its socket to the batch the same way.
+        sizes = ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF))
+        for force, plain in sizes:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
         sock.bind((0, 0))
     except BaseException:
         sock.close()
@@ -477,15 +491,25 @@ def transact(messages: Sequence[Message]) -> None:
         sock.sendall(batch_bytes(messages, first))
         pending = set(by_seq)
         failure: NfnlError | None = None
+        batch_failure: NfnlError | None = None
         # The kernel answers every message (ack or error) inside sendmsg, so what is
-        # not queued now will not come.
-        while pending:
+        # not queued now will not come; all of it is read, the batch's own error too.
+        while True:
             try:
                 data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             for kind, flags, seq, _payload, message in _messages(data):
-                if kind != NLMSG_ERROR or seq not in pending:
+                if kind != NLMSG_ERROR:
+                    continue
+                if seq == first:
+                    # On the batch's begin: the batch as a whole was refused (EPERM) or
+                    # its commit failed (ENOMEM) after every message was acked with 0.
+                    code, detail = error_of(message, flags)
+                    if code:
+                        batch_failure = NfnlError(code, "the nf_tables transaction", detail)
+                    continue
+                if seq not in pending:
                     continue
                 pending.discard(seq)
                 code, detail = error_of(message, flags)
@@ -493,6 +517,8 @@ def transact(messages: Sequence[Message]) -> None:
                     failure = NfnlError(code, by_seq[seq].what, detail)
     if failure is not None:
         raise failure
+    if batch_failure is not None:
+        raise batch_failure
     if pending:
         raise NfnlError(errno_mod.EIO, "the nf_tables transaction", "not every message answered")
 
@@ -575,10 +601,6 @@ def dump_chains(table: str) -> list[str]:
         for a in _dump(GETCHAIN, string(CHAIN_TABLE, table))
         if _name(a.get(CHAIN_TABLE)) == table
     ]
-
-
-def table_exists(table: str) -> bool:
-    return table_use(table) is not None
 
 
 def table_use(table: str) -> int | None:

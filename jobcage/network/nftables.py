@@ -330,7 +330,10 @@ class NftablesFirewall(Firewall):
         chains = nfnl.dump_chains(TABLE)
         if any(c.startswith(CAGE_CHAIN_PREFIX) for c in chains):
             return False
-        if not chains and not nfnl.table_exists(TABLE):
+        if not chains:
+            # No chain when we looked: the table was gone (another last cage removed
+            # it) or empty. A table there now may be a new first cage's (it makes the
+            # table and its chains in one transaction): nothing more is ours to delete.
             return True
         self._remove_each(shared_removal()[:-1], what)
         try:
