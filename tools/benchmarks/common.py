@@ -93,15 +93,11 @@ def _own_procs_file() -> str:
     from jobcage.cgroups import probe
 
     h = probe()
-    with open("/proc/self/cgroup") as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        for c in controllers.split(","):
-            if c in h.v1_mounts:
-                return os.path.join(h.v1_mounts[c], path.lstrip("/"), "cgroup.procs")
-    path = next(ln for ln in lines if ln.startswith("0::"))
-    return os.path.join(h.v2_mount or "/sys/fs/cgroup", path[3:].lstrip("/"), "cgroup.procs")
+    if h.v1_own:
+        controller, own = next(iter(h.v1_own.items()))
+        return os.path.join(h.v1_mounts[controller], own.lstrip("/"), "cgroup.procs")
+    assert h.v2_mount and h.v2_own is not None, "no cgroup hierarchy is mounted"
+    return os.path.join(h.v2_mount, h.v2_own.lstrip("/"), "cgroup.procs")
 
 
 def warm_cgroup_lock() -> None:
@@ -129,22 +125,21 @@ def after_idle(figures: dict[str, Figure]) -> dict:
     out = {"idle_s": IDLE_S}
     out.update({name: f.as_dict() for name, f in figures.items()})
     out["jobcage_vs_floor"] = ratio(figures["jobcage"], figures["floor"])
-    if "recipe" in figures:
-        out["recipe_vs_jobcage"] = ratio(figures["recipe"], figures["jobcage"])
+    out["recipe_vs_jobcage"] = ratio(figures["recipe"], figures["jobcage"])
     return out
 
 
-def idle_rows(idle: dict, split: bool = False) -> list[str]:
+def idle_rows(quiet: dict, split: bool = False) -> list[str]:
     """Markdown rows for after_idle(): split puts median and p95 in columns of their own."""
     sep = " | " if split else " / "
-    ms = int(idle["idle_s"] * 1000)
-    j, f, r = idle["jobcage"], idle["floor"], idle["recipe"]
+    ms = int(quiet["idle_s"] * 1000)
+    j, f, r = quiet["jobcage"], quiet["floor"], quiet["recipe"]
     return [
         f"| after {ms} ms idle: JobCage | {j['median_ms']}{sep}{j['p95_ms']} | "
-        f"{idle['jobcage_vs_floor']}x floor |",
+        f"{quiet['jobcage_vs_floor']}x floor |",
         f"| after {ms} ms idle: floor | {f['median_ms']}{sep}{f['p95_ms']} | 1 |",
         f"| after {ms} ms idle: recipe | {r['median_ms']}{sep}{r['p95_ms']} | "
-        f"{idle['recipe_vs_jobcage']}x JobCage |",
+        f"{quiet['recipe_vs_jobcage']}x JobCage |",
     ]
 
 
