@@ -1,7 +1,8 @@
 """The nftables backend against a real kernel, in the simulated node: the table reads
-back (with the node's own `nft`) as the plan says, the last-cage removal is atomic,
-and a table deleted by hand is reported, not papered over. Traffic, accounting and
-policy are proven for both backends by tests/test_network.py."""
+back (with the node's own `nft`) as the layout says, cages of one campus list share
+it, the last-cage removal is atomic, and a table deleted by hand is reported, not
+papered over. Traffic, accounting and policy are proven for both backends by
+tests/test_network.py."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 
 from jobcage.config import Config
 from jobcage.errors import NetworkError, TeardownError
-from jobcage.network import NetworkCage, nfnl
-from jobcage.network.nftables import NftablesFirewall, shared_removal
+from jobcage.network import NetworkCage, find_orphans, nfnl, remove_orphan
+from jobcage.network.nftables import NftablesFirewall, campus_sets, shared_removal
 
 from . import networld as world_mod
 from .conftest_network import run_in_cage
@@ -41,40 +42,41 @@ def body(listing: str) -> list[str]:
     return [line for line in lines if line and not line.startswith(("table", "chain", "}"))]
 
 
-def test_the_table_reads_back_as_the_plan(node, nft_config, job_id):
+def test_the_table_reads_back_as_the_layout(node, nft_config, job_id):
     cage = NetworkCage.create(job_id, nft_config)
     try:
-        ftx, frx, ntx, nrx = cage.plan.chain_names
-        h = cage.plan.cage_hash
-        own, pool, campus = str(cage.address.ip), world_mod.POOL, world_mod.CAMPUS_NETWORK
+        veth, own, pool = cage.host_veth, str(cage.address.ip), world_mod.POOL
+        nets, cages = campus_sets([world_mod.CAMPUS_NETWORK])
+        count = "counter name {}name map @JOBCAGE-{}"
         expected = {
-            ftx: [
-                f"ip saddr != {own} counter drop",
-                f"ip daddr {pool} counter reject with icmp admin-prohibited",
-                f'ip daddr {campus} counter name "JC-{h}-LAN-TX" accept',
-                f'counter name "JC-{h}-WAN-TX" accept',
-            ],
-            frx: [
-                f'ip saddr {campus} ct state established,related counter name "JC-{h}-LAN-RX" '
-                "accept",
-                f'ct state established,related counter name "JC-{h}-WAN-RX" accept',
-                "counter drop",
-            ],
-            ntx: [
-                f"ip saddr != {own} counter drop",
-                f'ct state established,related counter name "JC-{h}-LAN-TX" accept',
-                "counter reject with icmp admin-prohibited",
-            ],
-            nrx: [
-                f'ct state established,related counter name "JC-{h}-LAN-RX" accept',
-                "counter drop",
-            ],
             "JOBCAGE-FORWARD": [
                 "type filter hook forward priority filter; policy accept;",
-                "iifname vmap @JOBCAGE-FWD-TX",
-                "oifname vmap @JOBCAGE-FWD-RX",
-                'iifname "jc*" drop',
-                'oifname "jc*" drop',
+                'iifname "jc*" jump JOBCAGE-FWD-TX',
+                'oifname "jc*" jump JOBCAGE-FWD-RX',
+            ],
+            "JOBCAGE-FWD-TX": [
+                f"iifname . ip saddr != @JOBCAGE-ADDRESS {count.format('iif', 'REFUSED-TX')} drop",
+                f"ip daddr {pool} {count.format('iif', 'REFUSED-TX')} reject with icmp "
+                "admin-prohibited",
+                "jump JOBCAGE-FWD-TX-CAMPUS",
+                f"{count.format('iif', 'WAN-TX')} accept",
+                "drop",
+            ],
+            "JOBCAGE-FWD-TX-CAMPUS": [
+                f"iifname @{cages} ip daddr @{nets} {count.format('iif', 'LAN-TX')} accept"
+            ],
+            "JOBCAGE-FWD-RX": [
+                "ct state established,related jump JOBCAGE-FWD-RX-CAMPUS",
+                f"ct state established,related {count.format('oif', 'WAN-RX')} accept",
+                f"{count.format('oif', 'REFUSED-RX')} drop",
+                "drop",
+            ],
+            "JOBCAGE-NODE-TX": [
+                f"iifname . ip saddr != @JOBCAGE-ADDRESS {count.format('iif', 'REFUSED-TX')} drop",
+                f"ct state established,related {count.format('iif', 'LAN-TX')} accept",
+                f"iifname @JOBCAGE-NODE-ACCESS {count.format('iif', 'LAN-TX')} accept",
+                f"{count.format('iif', 'REFUSED-TX')} reject with icmp admin-prohibited",
+                "drop",
             ],
             "JOBCAGE-POSTROUTING": [
                 "type nat hook postrouting priority srcnat; policy accept;",
@@ -83,10 +85,51 @@ def test_the_table_reads_back_as_the_plan(node, nft_config, job_id):
         }
         for chain, statements in expected.items():
             assert body(nft(node, "-s", "list", "chain", "ip", "jobcage", chain)) == statements
-        element = f'"{cage.host_veth}" : jump {ftx}'
-        assert element in nft(node, "list", "map", "ip", "jobcage", "JOBCAGE-FWD-TX")
+        h = cage.plan.cage_hash
+        elements = {
+            "JOBCAGE-ADDRESS": f'"{veth}" . {own}',
+            "JOBCAGE-LAN-TX": f'"{veth}" : "JC-{h}-LAN-TX"',
+            "JOBCAGE-REFUSED-RX": f'"{veth}" : "JC-{h}-REFUSED-RX"',
+            "JOBCAGE-CAGES": f'"{veth}" : "JOBCAGE-CAGES"',
+            cages: f'"{veth}"',
+            nets: world_mod.CAMPUS_NETWORK,
+        }
+        for set_name, element in elements.items():
+            kind = "map" if " : " in element else "set"
+            assert element in nft(node, "list", kind, "ip", "jobcage", set_name), set_name
+        assert f'"{veth}"' not in nft(node, "list", "set", "ip", "jobcage", "JOBCAGE-NODE-ACCESS")
+        assert nfnl.object_use("jobcage", "JOBCAGE-CAGES") == 1
     finally:
         cage.destroy()
+
+
+def test_cages_of_one_campus_list_share_it_and_reap_removes_it_unused(node, nft_config, job_id):
+    nets = campus_sets([world_mod.CAMPUS_NETWORK])[0]
+    other = ("198.18.0.0/15",)
+    a = NetworkCage.create(job_id + "a", nft_config)
+    b = NetworkCage.create(job_id + "b", nft_config)
+    c = NetworkCage.create(job_id + "c", nft_config, other)
+    try:
+        rules = body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))
+        assert len(rules) == 2  # one per list, not per cage
+        assert nfnl.object_use("jobcage", "JOBCAGE-CAGES") == 3
+        c.destroy()
+        # Left for the next cage of that list, until reap (or the last cage) removes it.
+        unused = campus_sets(other)[0]
+        orphans = [o for o in find_orphans(nft_config) if o.kind == "campus"]
+        assert [o.name for o in orphans] == [unused]
+        remove_orphan(orphans[0], nft_config)
+        assert [o for o in find_orphans(nft_config) if o.kind == "campus"] == []
+        assert len(body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))) == 1
+        # The list in use stays, and still counts.
+        a.destroy()
+        assert nets in nft(node, "list", "table", "ip", "jobcage")
+        port = str(SERVER_PORT)
+        assert run_in_cage(b.netns_path, "get", CAMPUS_HOST, port, "1000") == "1000"
+        assert b.counters().net_lan_rx_bytes >= 1000
+    finally:
+        for cage in (a, b, c):
+            cage.destroy()
 
 
 def test_the_shared_part_cannot_be_removed_under_a_cage(node, nft_config, job_id):
@@ -95,8 +138,9 @@ def test_the_shared_part_cannot_be_removed_under_a_cage(node, nft_config, job_id
     cage = NetworkCage.create(job_id, nft_config)
     try:
         before = nft(node, "-s", "list", "ruleset")
+        lists = [campus_sets([world_mod.CAMPUS_NETWORK])[0]]
         with pytest.raises(nfnl.NfnlError) as refused:
-            nfnl.transact(shared_removal())
+            nfnl.transact(shared_removal(lists))
         assert refused.value.errno == errno.EBUSY
         assert nft(node, "-s", "list", "ruleset") == before
         assert NftablesFirewall()._remove_shared_if_unused() is False
@@ -131,13 +175,14 @@ def test_counters_of_many_cages_come_from_one_dump(node, nft_config, job_id):
             cage.destroy()
 
 
-def test_a_long_campus_list_fits_in_one_transaction(node, nft_config, job_id):
-    """Two rules per campus network: 300 networks make a ~200 KB batch of ~620
-    messages, every one acked inside sendmsg, more than default socket buffers hold."""
-    campus = [f"10.{i // 256}.{i % 256}.0/24" for i in range(300)]
+def test_a_long_campus_list_is_one_set(node, nft_config, job_id):
+    """300 networks, none adjacent (so none merged): one set of ranges, looked up with
+    one rule per direction, whatever the list's length."""
+    campus = [f"10.{i // 128}.{(i % 128) * 2}.0/24" for i in range(300)]
     cage = NetworkCage.create(job_id, nft_config, campus)
     try:
-        ftx = cage.plan.chain_names[0]
-        assert len(body(nft(node, "list", "chain", "ip", "jobcage", ftx))) == 300 + 3
+        listing = nft(node, "list", "set", "ip", "jobcage", campus_sets(campus)[0])
+        assert listing.count("/24") == 300
+        assert len(body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))) == 1
     finally:
         cage.destroy()

@@ -1,6 +1,7 @@
-"""The nftables layout and its netlink encoding, without a kernel: what each plan rule
-becomes, and the order of a transaction's messages. The kernel's reading of the same
-bytes is tested in tests/test_nftables.py (`nft list` of a real table)."""
+"""The nftables layout and its netlink encoding, without a kernel: what the policy
+chains are made of, a cage's and a campus list's messages, and the order of a
+transaction's messages. The kernel's reading of the same bytes is tested in
+tests/test_nftables.py (`nft list` of a real table)."""
 
 from __future__ import annotations
 
@@ -14,27 +15,32 @@ from jobcage.config import load_config
 from jobcage.errors import ConfigError
 from jobcage.network import nfnl
 from jobcage.network.nftables import (
-    BASE_CHAINS,
-    MAPS,
-    SHARED_OBJECTS,
+    CAGES,
+    CAGES_SUFFIX,
+    CAMPUS_PREFIX,
+    COUNTER_MAPS,
+    FWD_TX_CHAIN,
+    all_counter_names,
     cage_messages,
     cage_removal,
+    campus_list_messages,
+    campus_sets,
     counter_names,
-    rule_expressions,
+    policy_rules,
     shared_messages,
     shared_removal,
 )
-from jobcage.network.rules import LAN_TX, WAN_RX, RuleSpec, cage_plan
+from jobcage.network.rules import LAN_TX, cage_plan
 
 
-def plan(campus=("192.0.2.0/24", "10.16.0.0/12")):
+def plan(campus=("192.0.2.0/24", "10.16.0.0/12"), allow_node_access=False):
     return cage_plan(
         cage_hash="0123456789ab",
         host_veth="jc0123456789abh",
         address="100.64.0.6",
         pool="100.64.0.0/16",
         campus_networks=campus,
-        allow_node_access=False,
+        allow_node_access=allow_node_access,
     )
 
 
@@ -48,12 +54,20 @@ def expressions(encoded: list[bytes]) -> list[tuple[str, dict[int, bytes]]]:
     return out
 
 
+def names(encoded: list[bytes]) -> list[str]:
+    return [name for name, _ in expressions(encoded)]
+
+
 def data_value(attr: bytes) -> bytes:
     return nfnl.parse_attrs(attr)[nfnl.DATA_VALUE]
 
 
 def be32(raw: bytes) -> int:
     return struct.unpack(">I", raw)[0]
+
+
+def message_attrs(msg: nfnl.Message) -> dict[int, bytes]:
+    return nfnl.parse_attrs(msg.body)
 
 
 def test_attributes_are_padded_and_nested_attributes_flagged():
@@ -70,79 +84,127 @@ def test_interface_names_fill_ifnamsiz_and_longer_ones_are_refused():
         nfnl.ifname("x" * 16)
 
 
-def test_a_byte_aligned_prefix_loads_only_its_bytes():
-    [(load, la), (cmp, ca), *_] = expressions(
-        rule_expressions(RuleSpec("ACCEPT", destination="192.0.2.0/24"), {})
-    )
-    assert (load, be32(la[3]), be32(la[4])) == ("payload", 16, 3)  # daddr, 3 bytes
-    assert (cmp, be32(ca[2]), data_value(ca[3])) == ("cmp", nfnl.CMP_EQ, bytes([192, 0, 2]))
+def test_the_pool_is_compared_by_its_bytes_or_masked():
+    aligned = expressions(policy_rules("100.64.0.0/16")[FWD_TX_CHAIN][1])
+    (load, la), (cmp, ca) = aligned[:2]
+    assert (load, be32(la[3]), be32(la[4])) == ("payload", 16, 2)  # daddr, 2 bytes
+    assert (cmp, be32(ca[2]), data_value(ca[3])) == ("cmp", nfnl.CMP_EQ, bytes([100, 64]))
+    masked = expressions(policy_rules("100.64.0.0/10")[FWD_TX_CHAIN][1])
+    assert [n for n, _ in masked[:3]] == ["payload", "bitwise", "cmp"]
+    assert data_value(masked[1][1][4]) == bytes([255, 192, 0, 0])
 
 
-def test_other_prefixes_are_masked():
-    found = expressions(rule_expressions(RuleSpec("DROP", source="10.16.0.0/12"), {}))
-    assert [name for name, _ in found] == ["payload", "bitwise", "cmp", "counter", "immediate"]
-    assert data_value(found[1][1][4]) == bytes([255, 240, 0, 0])
-    assert data_value(found[2][1][3]) == bytes([10, 16, 0, 0])
+def verdict(rule: list[bytes]) -> int | None:
+    """The verdict code a rule ends with, if it ends with an immediate verdict."""
+    name, attrs = expressions(rule)[-1]
+    if name != "immediate":
+        return None
+    data = nfnl.parse_attrs(nfnl.parse_attrs(attrs[2])[nfnl.DATA_VERDICT])
+    return struct.unpack(">i", data[nfnl.VERDICT_CODE])[0]
 
 
-def test_inverted_source_compares_not_equal_and_inverted_everything_is_refused():
-    [_, (_, ca), *_] = expressions(
-        rule_expressions(RuleSpec("DROP", source="100.64.0.6/32", source_inverted=True), {})
-    )
-    assert be32(ca[2]) == nfnl.CMP_NEQ and data_value(ca[3]) == bytes([100, 64, 0, 6])
-    with pytest.raises(ValueError, match="matches no packet"):
-        rule_expressions(RuleSpec("DROP", source="0.0.0.0/0", source_inverted=True), {})
+def test_every_policy_chain_ends_in_drop_and_counts_what_it_accepts():
+    """Fail closed: a jc* veth without its cage's elements matches no counting rule
+    (the counter map's lookup fails, so the rule does not match) and reaches the
+    final DROP."""
+    for chain, rules in policy_rules("100.64.0.0/16").items():
+        assert names(rules[-1]) == ["immediate"] and verdict(rules[-1]) == nfnl.NF_DROP, chain
+        for rule in rules[:-1]:
+            if verdict(rule) in (nfnl.NF_ACCEPT, nfnl.NF_DROP):
+                assert names(rule)[-3:-1] == ["meta", "objref"], (chain, names(rule))
 
 
-def test_an_iptables_wildcard_compares_the_prefix_only():
-    [_, (_, ca), *_] = expressions(rule_expressions(RuleSpec("DROP", in_interface="jc+"), {}))
-    assert data_value(ca[3]) == b"jc"
+def test_the_anti_spoof_lookup_is_inverted_over_veth_then_source():
+    spoof = expressions(policy_rules("100.64.0.0/16")[FWD_TX_CHAIN][0])
+    assert [n for n, _ in spoof] == ["meta", "payload", "lookup", "meta", "objref", "immediate"]
+    meta, payload, lookup = spoof[0][1], spoof[1][1], spoof[2][1]
+    assert be32(meta[1]) == nfnl.REG32_00 and be32(payload[1]) == nfnl.REG32_00 + 4
+    assert be32(lookup[2]) == nfnl.REG32_00 and be32(lookup[5]) == nfnl.LOOKUP_F_INV
 
 
-def test_counting_accepts_name_the_cage_counter_and_established_is_a_mask():
-    counters = {WAN_RX: "JC-x-WAN-RX"}
-    spec = RuleSpec("ACCEPT", ctstate="RELATED,ESTABLISHED", counts=WAN_RX)
-    found = expressions(rule_expressions(spec, counters))
-    assert [name for name, _ in found] == ["ct", "bitwise", "cmp", "objref", "immediate"]
-    assert data_value(found[1][1][4]) == struct.pack("=I", 0b110)
-    assert found[3][1][2] == b"JC-x-WAN-RX\0"
+def test_dispatch_compares_the_jc_prefix_only():
+    made = shared_messages("100.64.0.0/16", "eth0")
+    dispatch = [
+        m
+        for m in made
+        if m.kind == nfnl.NEWRULE and message_attrs(m)[nfnl.RULE_CHAIN] == b"JOBCAGE-FORWARD\0"
+    ]
+    assert len(dispatch) == 2
+    for rule in dispatch:
+        exprs = [
+            nfnl.parse_attrs(raw) for raw in nfnl._each(message_attrs(rule)[nfnl.RULE_EXPRESSIONS])
+        ]
+        cmp = nfnl.parse_attrs(exprs[1][nfnl.EXPR_DATA])
+        assert data_value(cmp[3]) == b"jc"
 
 
-def test_reject_is_icmp_admin_prohibited_and_other_rejects_are_refused():
-    found = expressions(
-        rule_expressions(RuleSpec("REJECT", reject_with="icmp-admin-prohibited"), {})
-    )
-    assert found[-1][0] == "reject" and found[-1][1][2][:1] == bytes([13])
-    with pytest.raises(ValueError):
-        rule_expressions(RuleSpec("REJECT", reject_with="tcp-reset"), {})
+def test_a_campus_list_is_named_by_its_networks_whatever_their_order_or_overlap():
+    one = campus_sets(["10.16.0.0/12", "192.0.2.0/24"])
+    assert one == campus_sets(["192.0.2.0/24", "10.16.0.0/12", "10.17.0.0/16"])
+    assert one != campus_sets(["192.0.2.0/24"])
+    nets, cages = one
+    assert nets.startswith(CAMPUS_PREFIX) and cages == nets + CAGES_SUFFIX
 
 
-def test_cage_transaction_makes_counters_before_the_rules_that_name_them():
+def test_campus_ranges_are_a_start_and_an_end_flagged_as_such():
+    msgs = campus_list_messages(("10.16.0.0/12", "0.0.0.0/0"))
+    [elements] = [m for m in msgs if m.kind == nfnl.NEWSETELEM]
+    # 0.0.0.0/0 swallows the rest: one range from 0.0.0.0 to the end, no end element.
+    assert elements.body.count(b"\0\0\0\0") >= 1
+    assert nfnl.SET_ELEM_INTERVAL_END.to_bytes(4, "big") not in elements.body[-8:]
+    msgs = campus_list_messages(("192.0.2.0/24",))
+    kinds = [m.kind for m in msgs]
+    assert kinds == [nfnl.NEWSET, nfnl.NEWSET, nfnl.NEWSETELEM, nfnl.NEWRULE, nfnl.NEWRULE]
+    [elements] = [m for m in msgs if m.kind == nfnl.NEWSETELEM]
+    assert bytes([192, 0, 2, 0]) in elements.body and bytes([192, 0, 3, 0]) in elements.body
+
+
+def test_a_cage_is_counters_then_elements_every_one_exclusive():
     msgs = cage_messages(plan())
     kinds = [m.kind for m in msgs]
-    assert kinds[:4] == [nfnl.NEWOBJ] * 4
-    assert kinds[4:8] == [nfnl.NEWCHAIN] * 4
-    assert kinds[-4:] == [nfnl.NEWSETELEM] * 4
-    # Every chain is exclusive: a second cage of the same job fails whole.
-    assert all(m.flags & nfnl.NLM_F_EXCL for m in msgs if m.kind == nfnl.NEWCHAIN)
+    assert kinds[:6] == [nfnl.NEWOBJ] * 6
+    assert set(kinds[6:]) == {nfnl.NEWSETELEM}
+    assert all(m.flags & nfnl.NLM_F_EXCL for m in msgs)
+    sets = [message_attrs(m)[nfnl.SET_ELEM_LIST_SET].rstrip(b"\0").decode() for m in msgs[6:]]
+    assert sets[0] == CAGES  # the count of cages that the last one's removal asks
+    assert campus_sets(plan().campus_networks)[1] in sets
+    assert set(COUNTER_MAPS.values()) <= set(sets)
     assert set(counter_names(plan()).values()) == {
         f"JC-0123456789ab-{c}" for c in ("LAN-TX", "LAN-RX", "WAN-TX", "WAN-RX")
     }
     assert counter_names(plan())[LAN_TX] == "JC-0123456789ab-LAN-TX"
+    assert len(all_counter_names(plan())) == 6
 
 
-def test_removal_drops_the_map_elements_before_the_chains_they_jump_to():
-    kinds = [m.kind for m in cage_removal(plan())]
-    assert kinds == [nfnl.DELSETELEM] * 4 + [nfnl.DELCHAIN] * 4 + [nfnl.DELOBJ] * 4
+def test_the_first_cage_of_a_campus_list_makes_its_sets_and_rules_before_joining():
+    msgs = cage_messages(plan(), with_campus_list=True)
+    kinds = [m.kind for m in msgs]
+    first_rule = kinds.index(nfnl.NEWRULE)
+    cages_set = campus_sets(plan().campus_networks)[1].encode()
+    joins = [i for i, m in enumerate(msgs) if m.kind == nfnl.NEWSETELEM and cages_set in m.body]
+    assert kinds.count(nfnl.NEWSET) == 2 and first_rule < joins[0]
+    assert cage_messages(plan(campus=()), with_campus_list=True) == cage_messages(plan(campus=()))
+
+
+def test_removal_drops_the_elements_before_the_counters_they_name():
+    kinds = [m.kind for m in cage_removal(plan(allow_node_access=True))]
+    assert kinds == [nfnl.DELSETELEM] * 10 + [nfnl.DELOBJ] * 6
 
 
 def test_the_shared_part_is_made_exclusively_and_removed_only_if_empty():
     made = shared_messages("100.64.0.0/16", "eth0")
     assert made[0].kind == nfnl.NEWTABLE and made[0].flags & nfnl.NLM_F_EXCL
-    assert SHARED_OBJECTS == len(MAPS) + len(BASE_CHAINS) == 8
-    removal = shared_removal()
+    nets = campus_sets(["192.0.2.0/24"])[0]
+    removal = shared_removal([nets])
     assert removal[-1].kind == nfnl.DELTABLE and removal[-1].flags & nfnl.NLM_F_NONREC
-    assert all(m.flags & nfnl.NLM_F_NONREC for m in removal if m.kind == nfnl.DELSET)
+    only_if_empty = {
+        message_attrs(m)[nfnl.SET_NAME].rstrip(b"\0").decode()
+        for m in removal
+        if m.kind == nfnl.DELSET and m.flags & nfnl.NLM_F_NONREC
+    }
+    # Every set a cage has an element in; a list's networks are not a cage's.
+    assert CAGES in only_if_empty and nets + CAGES_SUFFIX in only_if_empty
+    assert nets not in only_if_empty
 
 
 def test_kernel_errors_name_the_message_and_carry_extended_ack_text():

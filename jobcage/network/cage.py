@@ -29,7 +29,7 @@ from ..ids import validate_job_id, veth_names
 from . import netns
 from .addresses import AddressPool, LeaseStore
 from .firewall import Firewall, all_firewalls, open_firewall, resolve_firewall
-from .nftables import TABLE_LABEL
+from .nftables import CAMPUS_PREFIX, TABLE_LABEL, all_counter_names
 from .rules import (
     CAGE_CHAIN_PREFIX,
     SHARED_PREFIX,
@@ -283,11 +283,12 @@ class NetworkCage:
             "state_dir": self.state_dir,
             "resolv_conf_path": self.resolv_conf_path,
             "firewall": self.firewall_backend,
-            "chains": {self._firewall_table(): list(plan.chain_names)},
+            # Where an administrator finds the cage's rules: its own chains (x_tables),
+            # or its counters in the shared table (nftables).
+            "chains": {TABLE_LABEL: list(all_counter_names(plan).values())}
+            if self.firewall_backend == "nftables"
+            else {"filter": list(plan.chain_names)},
         }
-
-    def _firewall_table(self) -> str:
-        return TABLE_LABEL if self.firewall_backend == "nftables" else "filter"
 
     @classmethod
     def from_record(cls, record: dict[str, Any], config: Config | None = None) -> NetworkCage:
@@ -353,7 +354,7 @@ def _uplink(config: Config) -> str:
 class Orphan:
     """A JobCage-named kernel object that no cage record claims."""
 
-    kind: str  # "netns", "veth", "chain", "lease", "shared"
+    kind: str  # "netns", "veth", "chain", "lease", "shared", "campus"
     name: str
     table: str | None = None
 
@@ -365,7 +366,7 @@ def find_orphans(config: Config) -> list[Orphan]:
     """
     known_netns: set[str] = set()
     known_veths: set[str] = set()
-    known_chains: set[str] = set()
+    known_hashes: set[str] = set()
     known_jobs: set[str] = set()
     cages_dir = os.path.join(config.state_dir, "cages")
     try:
@@ -387,10 +388,7 @@ def find_orphans(config: Config) -> list[Orphan]:
             known_netns.add(make_netns_name(job_id))
             host_veth = veth_names(job_id)[0]
             known_veths.add(host_veth)
-            known_chains.update(
-                f"{CAGE_CHAIN_PREFIX}{_cage_hash(host_veth)}-{s}"
-                for s in ("FTX", "FRX", "NTX", "NRX")
-            )
+            known_hashes.add(_cage_hash(host_veth))
     try:
         pool = AddressPool(config.address_pool)
         held = LeaseStore(config.state_dir, pool).held()
@@ -415,11 +413,25 @@ def find_orphans(config: Config) -> list[Orphan]:
             for c in names_
             if c.startswith(CAGE_CHAIN_PREFIX)
         ]
-        orphans += [Orphan("chain", c, t) for t, c in cage_chains if c not in known_chains]
+        # A cage's chains (x_tables) or counters (nftables) are named JC-<hash>-...
+        orphans += [
+            Orphan("chain", c, t)
+            for t, c in cage_chains
+            if c[len(CAGE_CHAIN_PREFIX) :].split("-", 1)[0] not in known_hashes
+        ]
+        # nftables: a campus list that no cage uses any more.
+        orphans += [
+            Orphan("campus", c, t)
+            for t, names_ in chains.items()
+            for c in names_
+            if c.startswith(CAMPUS_PREFIX)
+        ]
         if not cage_chains:
             for table, names_ in chains.items():
                 orphans += [
-                    Orphan("shared", c, table) for c in names_ if c.startswith(SHARED_PREFIX)
+                    Orphan("shared", c, table)
+                    for c in names_
+                    if c.startswith(SHARED_PREFIX) and not c.startswith(CAMPUS_PREFIX)
                 ]
     orphans += [
         Orphan("lease", str(i)) for i, job in sorted(held.items()) if job not in known_jobs
@@ -442,7 +454,7 @@ def remove_orphan(orphan: Orphan, config: Config) -> None:
         if not netns.is_cage_veth(orphan.name):
             raise NetworkError(f"{orphan.name} is not a JobCage veth; not removing it")
         netns.delete_link(orphan.name)
-    elif orphan.kind == "chain":
+    elif orphan.kind in ("chain", "campus"):
         _firewall_of(orphan).remove_orphan_chain(orphan.name)
     elif orphan.kind == "shared":
         _firewall_of(orphan).remove_orphan_chain("")

@@ -65,9 +65,9 @@ NFPROTO_IPV4 = 2
 # enum nf_tables_msg_types
 NEWTABLE, GETTABLE, DELTABLE = 0, 1, 2
 NEWCHAIN, GETCHAIN, DELCHAIN = 3, 4, 5
-NEWRULE = 6
-NEWSET, DELSET = 9, 11
-NEWSETELEM, DELSETELEM = 12, 14
+NEWRULE, GETRULE, DELRULE = 6, 7, 8
+NEWSET, GETSET, DELSET = 9, 10, 11
+NEWSETELEM, GETSETELEM, DELSETELEM = 12, 13, 14
 GETGEN = 16
 NEWOBJ, GETOBJ, DELOBJ = 18, 19, 20
 
@@ -75,13 +75,15 @@ NEWOBJ, GETOBJ, DELOBJ = 18, 19, 20
 TABLE_NAME, TABLE_FLAGS, TABLE_USE = 1, 2, 3
 CHAIN_TABLE, CHAIN_NAME, CHAIN_HOOK, CHAIN_POLICY, CHAIN_TYPE = 1, 3, 4, 5, 7
 HOOK_HOOKNUM, HOOK_PRIORITY = 1, 2
-RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS = 1, 2, 4
+RULE_TABLE, RULE_CHAIN, RULE_HANDLE, RULE_EXPRESSIONS = 1, 2, 3, 4
 SET_TABLE, SET_NAME, SET_FLAGS, SET_KEY_TYPE, SET_KEY_LEN = 1, 2, 3, 4, 5
-SET_DATA_TYPE, SET_DATA_LEN, SET_ID, SET_USERDATA = 6, 7, 10, 13
-UDATA_KEYBYTEORDER = 0
-SET_ELEM_KEY, SET_ELEM_DATA = 1, 2
+SET_DATA_TYPE, SET_DATA_LEN, SET_DESC, SET_ID, SET_USERDATA, SET_OBJ_TYPE = 6, 7, 9, 10, 13, 15
+SET_DESC_CONCAT, SET_FIELD_LEN = 2, 1
+UDATA_KEYBYTEORDER, BYTEORDER_HOST = 0, 1
+SET_ELEM_KEY, SET_ELEM_DATA, SET_ELEM_FLAGS, SET_ELEM_OBJREF = 1, 2, 3, 9
+SET_ELEM_INTERVAL_END = 0x1
 SET_ELEM_LIST_TABLE, SET_ELEM_LIST_SET, SET_ELEM_LIST_ELEMENTS = 1, 2, 3
-OBJ_TABLE, OBJ_NAME, OBJ_TYPE, OBJ_DATA = 1, 2, 3, 4
+OBJ_TABLE, OBJ_NAME, OBJ_TYPE, OBJ_DATA, OBJ_USE = 1, 2, 3, 4, 5
 COUNTER_BYTES, COUNTER_PACKETS = 1, 2
 LIST_ELEM = 1
 EXPR_NAME, EXPR_DATA = 1, 2
@@ -89,15 +91,18 @@ DATA_VALUE, DATA_VERDICT = 1, 2
 VERDICT_CODE, VERDICT_CHAIN = 1, 2
 
 NFT_OBJECT_COUNTER = 1
-NFT_SET_MAP = 0x8
-NFT_DATA_VERDICT = 0xFFFFFF00
-TYPE_IFNAME = 41  # nft's datatype id, so that `nft list` prints the maps' key type
+NFT_SET_INTERVAL, NFT_SET_MAP, NFT_SET_OBJECT, NFT_SET_CONCAT = 0x4, 0x8, 0x40, 0x80
+# nft's datatype ids, so that `nft list` prints keys and data as what they are; a
+# concatenation's id is its parts' ids, 6 bits each (nft's TYPE_BITS).
+TYPE_IPADDR, TYPE_MARK, TYPE_IFNAME = 7, 19, 41
 IFNAMSIZ = 16
 
 NF_DROP, NF_ACCEPT, NFT_JUMP = 0, 1, -3
 NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING = 1, 2, 3, 4
 
 REG_VERDICT, REG_1 = 0, 1
+REG32_00 = 8  # the 4-byte registers: REG32_00 + n is bytes 4n.. of the 16-byte REG_1 on
+LOOKUP_F_INV = 1
 META_IIFNAME, META_OIFNAME = 6, 7
 PAYLOAD_NETWORK_HEADER = 1
 CMP_EQ, CMP_NEQ = 0, 1
@@ -147,15 +152,15 @@ def expr(name: str, *data: bytes) -> bytes:
     return nest(LIST_ELEM, string(EXPR_NAME, name), nest(EXPR_DATA, *data))
 
 
-def meta_load(key: int) -> bytes:
-    return expr("meta", be32(2, key), be32(1, REG_1))  # KEY, DREG
+def meta_load(key: int, dreg: int = REG_1) -> bytes:
+    return expr("meta", be32(2, key), be32(1, dreg))  # KEY, DREG
 
 
-def payload_load(offset: int, length: int) -> bytes:
+def payload_load(offset: int, length: int, dreg: int = REG_1) -> bytes:
     # DREG, BASE, OFFSET, LEN
     return expr(
         "payload",
-        be32(1, REG_1),
+        be32(1, dreg),
         be32(2, PAYLOAD_NETWORK_HEADER),
         be32(3, offset),
         be32(4, length),
@@ -182,13 +187,21 @@ def ct_state_load() -> bytes:
     return expr("ct", be32(1, REG_1), be32(2, CT_STATE))  # DREG, KEY
 
 
-def lookup_verdict(set_name: str) -> bytes:
-    # SET, SREG, DREG (the verdict register: a verdict map)
-    return expr("lookup", string(1, set_name), be32(2, REG_1), be32(3, REG_VERDICT))
+def lookup(set_name: str, sreg: int, *, dreg: int | None = None, inverted: bool = False) -> bytes:
+    """Matches if the key in ``sreg`` on is in the set (not in it, ``inverted``); for a
+    map, also loads the element's data into ``dreg``."""
+    body = string(1, set_name) + be32(2, sreg)  # SET, SREG
+    if dreg is not None:
+        body += be32(3, dreg)  # DREG
+    if inverted:
+        body += be32(5, LOOKUP_F_INV)  # FLAGS
+    return expr("lookup", body)
 
 
-def objref_counter(name: str) -> bytes:
-    return expr("objref", be32(1, NFT_OBJECT_COUNTER), string(2, name))  # IMM_TYPE, NAME
+def objref_map(set_name: str, sreg: int) -> bytes:
+    """Adds to the counter that the map names for the key in ``sreg``; breaks the rule
+    (no match) where the map has no such key."""
+    return expr("objref", be32(3, sreg), string(4, set_name))  # SET_SREG, SET_NAME
 
 
 def immediate_verdict(code: int, chain: str | None = None) -> bytes:
@@ -197,11 +210,6 @@ def immediate_verdict(code: int, chain: str | None = None) -> bytes:
 
 def reject_admin_prohibited() -> bytes:
     return expr("reject", be32(1, NFT_REJECT_ICMP_UNREACH), attr(2, bytes([ICMP_PKT_FILTERED])))
-
-
-def counter() -> bytes:
-    """An anonymous counter: what the rule matched, shown by `nft list`."""
-    return expr("counter")
 
 
 def masquerade() -> bytes:
@@ -277,22 +285,58 @@ def new_rule(table: str, chain: str, expressions: Sequence[bytes]) -> Message:
     return Message(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, body, f"a rule of chain {chain}")
 
 
-def new_verdict_map(table: str, name: str, set_id: int) -> Message:
-    """An ifname -> verdict map: one hash lookup sends a packet to its cage's chain."""
-    body = (
-        string(SET_TABLE, table)
-        + string(SET_NAME, name)
-        + be32(SET_FLAGS, NFT_SET_MAP)
-        + be32(SET_KEY_TYPE, TYPE_IFNAME)
-        + be32(SET_KEY_LEN, IFNAMSIZ)
-        + be32(SET_DATA_TYPE, NFT_DATA_VERDICT)
-        + be32(SET_DATA_LEN, 0)
-        + be32(SET_ID, set_id)
-        # nft's user data: the key is a string in host byte order (without it `nft
-        # list` prints every key as "").
-        + attr(SET_USERDATA, bytes([UDATA_KEYBYTEORDER, 4]) + struct.pack("=I", 1))
-    )
-    return Message(NEWSET, NLM_F_CREATE | NLM_F_EXCL, body, f"map {name}")
+def del_rule(table: str, chain: str, handle: int) -> Message:
+    body = string(RULE_TABLE, table) + string(RULE_CHAIN, chain)
+    body += attr(RULE_HANDLE, struct.pack(">Q", handle))
+    return Message(DELRULE, 0, body, f"rule {handle} of chain {chain}")
+
+
+def _concat_type(types: Sequence[int]) -> int:
+    out = 0
+    for t in types:
+        out = (out << 6) | t
+    return out
+
+
+def _register_len(length: int) -> int:
+    return (length + 3) & ~3
+
+
+def new_set(
+    table: str,
+    name: str,
+    set_id: int,
+    key: Sequence[tuple[int, int]],
+    *,
+    interval: bool = False,
+    data: tuple[int, int] | None = None,
+    counters: bool = False,
+) -> Message:
+    """A set (or map: ``data`` is its value's (type, length), ``counters`` makes it name
+    counter objects) keyed by the concatenation of ``key``'s (nft type, length) fields."""
+    kind = "map" if data or counters else "set"
+    flags = (NFT_SET_INTERVAL if interval else 0) | (NFT_SET_MAP if data else 0)
+    flags |= NFT_SET_OBJECT if counters else 0
+    body = string(SET_TABLE, table) + string(SET_NAME, name)
+    body += be32(SET_KEY_TYPE, _concat_type([t for t, _ in key]))
+    body += be32(SET_KEY_LEN, sum(_register_len(n) for _, n in key))
+    body += be32(SET_ID, set_id)
+    if len(key) > 1:
+        flags |= NFT_SET_CONCAT
+        fields = [nest(LIST_ELEM, be32(SET_FIELD_LEN, n)) for _, n in key]
+        body += nest(SET_DESC, nest(SET_DESC_CONCAT, *fields))
+    else:
+        # nft's user data: a string key is in host byte order (without it `nft list`
+        # prints every ifname key as "").
+        body += attr(
+            SET_USERDATA, bytes([UDATA_KEYBYTEORDER, 4]) + struct.pack("=I", BYTEORDER_HOST)
+        )
+    if data:
+        body += be32(SET_DATA_TYPE, data[0]) + be32(SET_DATA_LEN, data[1])
+    if counters:
+        body += be32(SET_OBJ_TYPE, NFT_OBJECT_COUNTER)
+    body += be32(SET_FLAGS, flags)
+    return Message(NEWSET, NLM_F_CREATE | NLM_F_EXCL, body, f"{kind} {name}")
 
 
 def del_set(table: str, name: str, *, only_if_empty: bool) -> Message:
@@ -300,34 +344,66 @@ def del_set(table: str, name: str, *, only_if_empty: bool) -> Message:
         DELSET,
         NLM_F_NONREC if only_if_empty else 0,
         string(SET_TABLE, table) + string(SET_NAME, name),
-        f"map {name}",
+        f"set {name}",
     )
 
 
-def _elements(table: str, set_name: str, element: bytes) -> bytes:
+@dataclass(frozen=True)
+class Element:
+    """One element of a set: its key (in an interval set, where a range starts, or
+    where it ends: ``interval_end``), and for a map its value or the name of the
+    counter object it maps to."""
+
+    key: bytes
+    interval_end: bool = False
+    data: bytes | None = None
+    counter: str | None = None
+
+    def encode(self, with_value: bool) -> bytes:
+        out = value(SET_ELEM_KEY, self.key)
+        if self.interval_end:
+            out += be32(SET_ELEM_FLAGS, SET_ELEM_INTERVAL_END)
+        if with_value and self.data is not None:
+            out += value(SET_ELEM_DATA, self.data)
+        if with_value and self.counter is not None:
+            out += string(SET_ELEM_OBJREF, self.counter)
+        return nest(LIST_ELEM, out)
+
+
+def _elements(table: str, set_name: str, elements: Sequence[Element], with_value: bool) -> bytes:
     return (
         string(SET_ELEM_LIST_TABLE, table)
         + string(SET_ELEM_LIST_SET, set_name)
-        + nest(SET_ELEM_LIST_ELEMENTS, nest(LIST_ELEM, element))
+        + nest(SET_ELEM_LIST_ELEMENTS, *(e.encode(with_value) for e in elements))
     )
 
 
-def new_jump_element(table: str, set_name: str, key_ifname: str, chain: str) -> Message:
-    element = value(SET_ELEM_KEY, ifname(key_ifname)) + verdict(SET_ELEM_DATA, NFT_JUMP, chain)
+def new_elements(
+    table: str,
+    set_name: str,
+    elements: Sequence[Element],
+    *,
+    exclusive: bool = True,
+    what: str = "",
+) -> Message:
+    """Adds ``elements``; with ``exclusive`` an element already there fails the
+    transaction (EEXIST), without it an identical one is left as it is."""
     return Message(
         NEWSETELEM,
-        NLM_F_CREATE | NLM_F_EXCL,
-        _elements(table, set_name, element),
-        f"element {key_ifname} of map {set_name}",
+        NLM_F_CREATE | (NLM_F_EXCL if exclusive else 0),
+        _elements(table, set_name, elements, True),
+        what or f"an element of set {set_name}",
     )
 
 
-def del_element(table: str, set_name: str, key_ifname: str) -> Message:
+def del_elements(
+    table: str, set_name: str, elements: Sequence[Element], what: str = ""
+) -> Message:
     return Message(
         DELSETELEM,
         0,
-        _elements(table, set_name, value(SET_ELEM_KEY, ifname(key_ifname))),
-        f"element {key_ifname} of map {set_name}",
+        _elements(table, set_name, elements, False),
+        what or f"an element of set {set_name}",
     )
 
 
@@ -553,6 +629,22 @@ def get_counters(table: str, names: Sequence[str]) -> list[tuple[int, int] | Non
     return out
 
 
+def object_use(table: str, name: str) -> int | None:
+    """How many rules and set elements refer to the counter object ``name`` (None: no
+    such object or table): one NFT_MSG_GETOBJ."""
+    with _channel.use() as sock:
+        kind, flags, payload, message = _reply(
+            sock, _request(sock, GETOBJ, 0, _obj_key(table, name))
+        )
+    if kind == NLMSG_ERROR:
+        code, detail = error_of(message, flags)
+        if code == errno_mod.ENOENT:
+            return None
+        raise NfnlError(code or errno_mod.EIO, f"counter {name}", detail)
+    (use,) = struct.unpack(">I", parse_attrs(payload, 4)[OBJ_USE])
+    return use
+
+
 def _counter_of(obj: dict[int, bytes]) -> tuple[int, int]:
     """(packets, bytes) of a counter object's attributes."""
     data = parse_attrs(obj.get(OBJ_DATA, b""))
@@ -592,6 +684,67 @@ def dump_counters(table: str) -> dict[str, tuple[int, int]]:
         if _name(attrs.get(OBJ_TABLE)) == table:
             out[_name(attrs.get(OBJ_NAME))] = _counter_of(attrs)
     return out
+
+
+def _each(data: bytes) -> Iterator[bytes]:
+    """The payload of every attribute in a nested list (all of one type)."""
+    at = 0
+    while at + 4 <= len(data):
+        length = struct.unpack_from("=H", data, at)[0]
+        if length < 4:
+            break
+        yield data[at + 4 : at + length]
+        at += (length + 3) & ~3
+
+
+def dump_rules(table: str, chain: str) -> list[tuple[int, list[str]]]:
+    """(handle, names of the sets it looks up) of every rule of ``chain``."""
+    out = []
+    body = string(RULE_TABLE, table) + string(RULE_CHAIN, chain)
+    for a in _dump(GETRULE, body):
+        if _name(a.get(RULE_TABLE)) != table or _name(a.get(RULE_CHAIN)) != chain:
+            continue
+        sets = []
+        for raw in _each(a.get(RULE_EXPRESSIONS, b"")):
+            e = parse_attrs(raw)
+            if _name(e.get(EXPR_NAME)) == "lookup":
+                sets.append(_name(parse_attrs(e.get(EXPR_DATA, b"")).get(1)))  # LOOKUP_SET
+        out.append((struct.unpack(">Q", a[RULE_HANDLE])[0], sets))
+    return out
+
+
+def dump_sets(table: str) -> list[str]:
+    """Names of every named set and map in ``table``."""
+    return [
+        _name(a.get(SET_NAME))
+        for a in _dump(GETSET, string(SET_TABLE, table))
+        if _name(a.get(SET_TABLE)) == table and not a.get(SET_NAME, b"").startswith(b"__")
+    ]
+
+
+def dump_keys(table: str, set_name: str) -> list[bytes]:
+    """The key of every element of one set."""
+    body = string(SET_ELEM_LIST_TABLE, table) + string(SET_ELEM_LIST_SET, set_name)
+    keys = []
+    for a in _dump(GETSETELEM, body):
+        for raw in _each(a.get(SET_ELEM_LIST_ELEMENTS, b"")):
+            key = parse_attrs(parse_attrs(raw).get(SET_ELEM_KEY, b"")).get(DATA_VALUE)
+            if key is not None:
+                keys.append(key)
+    return keys
+
+
+def set_exists(table: str, name: str) -> bool:
+    """One NFT_MSG_GETSET (a hash lookup in the kernel)."""
+    body = string(SET_TABLE, table) + string(SET_NAME, name)
+    with _channel.use() as sock:
+        kind, flags, _payload, message = _reply(sock, _request(sock, GETSET, 0, body))
+    if kind != NLMSG_ERROR:
+        return True
+    code, detail = error_of(message, flags)
+    if code == errno_mod.ENOENT:
+        return False
+    raise NfnlError(code or errno_mod.EIO, f"set {name}", detail)
 
 
 def dump_chains(table: str) -> list[str]:

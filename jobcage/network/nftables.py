@@ -1,33 +1,50 @@
 """The cages' rules in an nftables table of their own, behind :class:`Firewall`.
 
-Same policy and classes as the x_tables layout (:mod:`.rules`: the per-cage chains and
-their rules are the same :class:`~.rules.CagePlan`), laid out so that nothing a cage
-does costs in proportion to the other cages on the node::
+Same policy and classes as the x_tables layout (:class:`~.rules.CagePlan`), laid out
+so that nothing a cage does costs in proportion to the other cages on the node: the
+rules are shared, and a cage is only elements of sets and maps, and its counters::
 
     table ip jobcage                     (JobCage's own: the node's tables untouched)
-      map JOBCAGE-FWD-TX  { ifname : verdict }   host veth -> jump JC-<h>-FTX
-      map JOBCAGE-FWD-RX, JOBCAGE-NODE-TX, JOBCAGE-NODE-RX  likewise
-      chain JOBCAGE-FORWARD  hook forward priority 0, policy accept
-          iifname vmap @JOBCAGE-FWD-TX;  oifname vmap @JOBCAGE-FWD-RX
-          iifname "jc*" drop;  oifname "jc*" drop           (fail closed)
-      chain JOBCAGE-INPUT   hook input:  iifname vmap @JOBCAGE-NODE-TX; "jc*" drop
-      chain JOBCAGE-OUTPUT  hook output: oifname vmap @JOBCAGE-NODE-RX; "jc*" drop
-      chain JOBCAGE-POSTROUTING  nat hook postrouting priority 100
-          ip saddr POOL oifname UPLINK masquerade
-      counter JC-<h>-LAN-TX, -LAN-RX, -WAN-TX, -WAN-RX   (one per class)
-      chain JC-<h>-FTX, -FRX, -NTX, -NRX   (the plan's rules; ACCEPTs name a counter)
+      counter JC-<h>-LAN-TX, -LAN-RX, -WAN-TX, -WAN-RX    (billed, one per class)
+      counter JC-<h>-REFUSED-TX, -REFUSED-RX             (what its rules refused)
+      map JOBCAGE-LAN-TX ... JOBCAGE-REFUSED-RX { ifname : counter }  veth -> its counter
+      set JOBCAGE-ADDRESS { ifname . ipv4_addr }         veth . the job's address
+      set JOBCAGE-NODE-ACCESS { ifname }                 cages with allow_node_access
+      map JOBCAGE-CAGES { ifname : counter }             every veth -> JOBCAGE-CAGES,
+                                                         whose use count is the cages'
+      set JOBCAGE-CAMPUS-<id> { ipv4_addr; interval }    per campus list in use: its
+      set JOBCAGE-CAMPUS-<id>-CAGES { ifname }           networks and its cages
+      chain JOBCAGE-FORWARD  hook forward:  iifname "jc*" jump JOBCAGE-FWD-TX
+                                            oifname "jc*" jump JOBCAGE-FWD-RX
+      chain JOBCAGE-INPUT / -OUTPUT  hook input / output: jump JOBCAGE-NODE-TX / -RX
+      chain JOBCAGE-POSTROUTING  nat: ip saddr POOL oifname UPLINK masquerade
+      chain JOBCAGE-FWD-TX   iifname . ip saddr != @JOBCAGE-ADDRESS  count REFUSED-TX, drop
+                             ip daddr POOL  count REFUSED-TX, reject
+                             jump JOBCAGE-FWD-TX-CAMPUS   (per list: iifname @<id>-CAGES
+                                                 ip daddr @<id>  count LAN-TX, accept)
+                             count WAN-TX, accept;  drop
+      chain JOBCAGE-FWD-RX, -NODE-TX, -NODE-RX     likewise (see policy_rules)
 
-* Adding a cage is one transaction (its counters, chains, rules and four map
-  elements); removing it another. The kernel applies each in O(1) of the table's size,
-  where x_tables rewrites the whole table.
-* A packet finds its cage with one hash lookup per hook, not a walk over every cage's
-  jump.
+"count X" is `counter name iifname map @JOBCAGE-X`: the veth's own counter. A veth
+with no cage has no element, so no counting rule matches it and every chain's last
+rule, DROP, takes it: fail closed.
+
+* Adding a cage is one transaction of six counters and ten-odd elements; removing it
+  another. The kernel does each in O(1) of the table's size: hash inserts, and no
+  rule or jump changes, which would make the kernel validate the whole table (the
+  per-cage-chain layout this replaced cost 0.4 ms of kernel time per cage at 500
+  cages, and grew: tools/benchmarks/nft_layouts.py).
+* A campus list is data shared by its cages: its first cage adds its two sets and
+  two rules (found missing by one NFT_MSG_GETSET), the others one element. A list no
+  cage uses stays until the last cage removes the table, or `jobcage reap` removes it.
+* A packet finds its cage by hash lookups, whatever the number of cages.
 * A cage's usage is four NFT_MSG_GETOBJ (hash lookups); every cage's is one dump.
 * The shared part is made with the first cage (NEWTABLE with NLM_F_EXCL: of two
   racing first cages, one wins and the other retries as a second cage) and removed
-  with the last, atomically: a transaction deleting the shared chains and maps and
+  with the last, atomically: a transaction deleting the shared chains and sets and
   then the table with NLM_F_NONREC fails with EBUSY, changing nothing, while any
-  cage's chain or counter remains.
+  cage's counter or element remains. "Is it the last?" is one GETOBJ of
+  JOBCAGE-CAGES (its use count), so no transaction is tried in vain.
 
 An accept here does not bypass the node's own tables: a packet must also pass the
 node's iptables (either flavour) and other nftables tables; `jobcage doctor` warns
@@ -37,6 +54,8 @@ when the node's forward policy would drop the cages' traffic.
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import ipaddress
 import struct
 from collections.abc import Callable, Sequence
@@ -60,7 +79,6 @@ from .rules import (
     WAN_TX,
     CagePlan,
     NetCounters,
-    RuleSpec,
     counters_by_class,
 )
 
@@ -69,30 +87,120 @@ TABLE_LABEL = f"ip {TABLE}"  # how `nft list` and records name it
 FORWARD_CHAIN = "JOBCAGE-FORWARD"
 INPUT_CHAIN = "JOBCAGE-INPUT"
 OUTPUT_CHAIN = "JOBCAGE-OUTPUT"
-MAPS = (FWD_TX_CHAIN, FWD_RX_CHAIN, NODE_TX_CHAIN, NODE_RX_CHAIN)
 BASE_CHAINS = (FORWARD_CHAIN, INPUT_CHAIN, OUTPUT_CHAIN, NAT_CHAIN)
-COUNTER_SUFFIXES = {LAN_TX: "LAN-TX", LAN_RX: "LAN-RX", WAN_TX: "WAN-TX", WAN_RX: "WAN-RX"}
+POLICY_CHAINS = (FWD_TX_CHAIN, FWD_RX_CHAIN, NODE_TX_CHAIN, NODE_RX_CHAIN)
+CAMPUS_TX_CHAIN, CAMPUS_RX_CHAIN = "JOBCAGE-FWD-TX-CAMPUS", "JOBCAGE-FWD-RX-CAMPUS"
+# Sets: the per-cage facts the policy chains look up, keyed by the node-side veth.
+ADDRESS_SET = "JOBCAGE-ADDRESS"  # veth . the job's address (anti-spoof)
+# veth : the counter object of the same name, whose use count is so the number of cages.
+CAGES = "JOBCAGE-CAGES"
+NODE_ACCESS_SET = "JOBCAGE-NODE-ACCESS"  # veths of cages with allow_node_access
+# Per campus list in use: its networks, and the veths of the cages using it.
+CAMPUS_PREFIX, CAGES_SUFFIX = "JOBCAGE-CAMPUS-", "-CAGES"
+# Counter maps: veth -> the cage's counter of a class (and of what it refused).
+REFUSED_TX, REFUSED_RX = "refused_tx", "refused_rx"
+COUNTER_SUFFIXES = {
+    LAN_TX: "LAN-TX",
+    LAN_RX: "LAN-RX",
+    WAN_TX: "WAN-TX",
+    WAN_RX: "WAN-RX",
+    REFUSED_TX: "REFUSED-TX",
+    REFUSED_RX: "REFUSED-RX",
+}
+COUNTER_MAPS = {cls: f"JOBCAGE-{suffix}" for cls, suffix in COUNTER_SUFFIXES.items()}
+CAGE_SETS = (CAGES, ADDRESS_SET, NODE_ACCESS_SET, *COUNTER_MAPS.values())
+POLICY_AND_CAMPUS_CHAINS = (*POLICY_CHAINS, CAMPUS_TX_CHAIN, CAMPUS_RX_CHAIN)
 FILTER_PRIORITY = 0
 SRCNAT_PRIORITY = 100
 INSTALL_ATTEMPTS = 5
-# What the table holds with no cage: its maps and hooked chains.
-SHARED_OBJECTS = len(MAPS) + len(BASE_CHAINS)
 
 _MISSING_FEATURE = (
     "the kernel lacks an nftables feature JobCage uses: enable CONFIG_NF_TABLES, "
     "CONFIG_NF_TABLES_IPV4, CONFIG_NFT_CT, CONFIG_NFT_REJECT, CONFIG_NFT_MASQ, "
-    "CONFIG_NFT_OBJREF and CONFIG_NFT_COUNTER (modules nf_tables, nft_ct, "
-    'nft_reject_ipv4, nft_masq, nft_objref), or set firewall = "iptables-legacy"'
+    "CONFIG_NFT_OBJREF, CONFIG_NFT_COUNTER and CONFIG_NF_TABLES_SET (modules nf_tables, "
+    "nft_ct, nft_reject_ipv4, nft_masq, nft_objref, nf_tables_set), or set "
+    'firewall = "iptables-legacy"'
 )
+
+# Registers: the interface name in the first 16 bytes, an address after it (so the
+# two make the key of a concatenated set).
+R_IFNAME = nfnl.REG32_00
+R_AFTER_IFNAME = nfnl.REG32_00 + 4
+SADDR, DADDR = 12, 16  # offsets in the IPv4 header
+IFNAME_FIELD = (nfnl.TYPE_IFNAME, nfnl.IFNAMSIZ)
+IPV4_FIELD = (nfnl.TYPE_IPADDR, 4)
 
 
 def counter_names(cage: CagePlan) -> dict[str, str]:
+    """class -> the cage's counter object, of the four billed classes."""
+    return {
+        cls: cage.chain_name(COUNTER_SUFFIXES[cls]) for cls in (LAN_TX, LAN_RX, WAN_TX, WAN_RX)
+    }
+
+
+def all_counter_names(cage: CagePlan) -> dict[str, str]:
+    """Its billed counters and the two of what it refused (for an administrator)."""
     return {cls: cage.chain_name(suffix) for cls, suffix in COUNTER_SUFFIXES.items()}
 
 
-def _ct_bits(states: str) -> int:
-    bits = {"ESTABLISHED": nfnl.CT_STATE_ESTABLISHED, "RELATED": nfnl.CT_STATE_RELATED}
-    return sum(bits[s] for s in states.split(","))
+def campus_sets(networks: Sequence[str]) -> tuple[str, str]:
+    """(networks, cages) set names of a campus list: the same list, in any order and
+    with overlaps merged, has the same names, so cages with the same list share them."""
+    canonical = ",".join(str(n) for n in _collapsed(networks))
+    name = CAMPUS_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return name, name + CAGES_SUFFIX
+
+
+def _collapsed(networks: Sequence[str]) -> list[ipaddress.IPv4Network]:
+    # A range set takes no overlapping elements; merged, the list matches the same.
+    return list(ipaddress.collapse_addresses(ipaddress.IPv4Network(n) for n in networks))
+
+
+@functools.lru_cache(maxsize=16)
+def campus_list_messages(networks: tuple[str, ...]) -> tuple[Message, ...]:
+    """A campus list's two sets and the two rules that count its cages' LAN traffic.
+    Made by the list's first cage; left when its last goes, until the table goes or
+    `jobcage reap` removes it (a rule change makes the kernel check the table: cheap
+    once per list, not per cage)."""
+    nets, cages = campus_sets(networks)
+    elements = []
+    for net in _collapsed(networks):
+        # A range is its first address and the first one after it, flagged its end
+        # (an interval set's wire form; none after the last address there is).
+        elements.append(nfnl.Element(net.network_address.packed))
+        end = int(net.broadcast_address) + 1
+        if end < 1 << 32:
+            elements.append(nfnl.Element(end.to_bytes(4, "big"), interval_end=True))
+    msgs = [
+        nfnl.new_set(TABLE, nets, 0, [IPV4_FIELD], interval=True),
+        nfnl.new_set(TABLE, cages, 0, [IFNAME_FIELD]),
+    ]
+    if elements:
+        msgs.append(nfnl.new_elements(TABLE, nets, elements, what=f"the networks of set {nets}"))
+    iif, oif = nfnl.META_IIFNAME, nfnl.META_OIFNAME
+    for chain, key, offset, cls in (
+        (CAMPUS_TX_CHAIN, iif, DADDR, LAN_TX),
+        (CAMPUS_RX_CHAIN, oif, SADDR, LAN_RX),
+    ):
+        rule = [
+            nfnl.meta_load(key, R_IFNAME),
+            nfnl.lookup(cages, R_IFNAME),
+            nfnl.payload_load(offset, 4),
+            nfnl.lookup(nets, nfnl.REG_1),
+            *_count(key, cls),
+            ACCEPT,
+        ]
+        msgs.append(nfnl.new_rule(TABLE, chain, rule))
+    return tuple(msgs)
+
+
+def _ct_established() -> list[bytes]:
+    bits = nfnl.CT_STATE_ESTABLISHED | nfnl.CT_STATE_RELATED
+    return [
+        nfnl.ct_state_load(),
+        nfnl.bitwise_mask(4, struct.pack("=I", bits)),
+        nfnl.cmp(nfnl.CMP_NEQ, b"\0\0\0\0"),
+    ]
 
 
 def _interface(key: int, name: str) -> list[bytes]:
@@ -101,80 +209,116 @@ def _interface(key: int, name: str) -> list[bytes]:
     return [nfnl.meta_load(key), nfnl.cmp(nfnl.CMP_EQ, nfnl.ifname(name))]
 
 
-def _address(offset: int, cidr: str, inverted: bool) -> list[bytes]:
+def _network(offset: int, cidr: str) -> list[bytes]:
     net = ipaddress.IPv4Network(cidr)
-    op = nfnl.CMP_NEQ if inverted else nfnl.CMP_EQ
-    length = net.prefixlen
-    if length == 0:
-        if inverted:
-            raise ValueError(f"'! {cidr}' matches no packet")
+    if net.prefixlen == 0:
         return []  # every address: nothing to compare
-    if length % 8 == 0:
+    if net.prefixlen % 8 == 0:
         # Byte-aligned prefix: load only its bytes (nft itself does the same).
+        size = net.prefixlen // 8
         return [
-            nfnl.payload_load(offset, length // 8),
-            nfnl.cmp(op, net.network_address.packed[: length // 8]),
+            nfnl.payload_load(offset, size),
+            nfnl.cmp(nfnl.CMP_EQ, net.network_address.packed[:size]),
         ]
     return [
         nfnl.payload_load(offset, 4),
         nfnl.bitwise_mask(4, net.netmask.packed),
-        nfnl.cmp(op, net.network_address.packed),
+        nfnl.cmp(nfnl.CMP_EQ, net.network_address.packed),
     ]
 
 
-def rule_expressions(spec: RuleSpec, counters: dict[str, str]) -> list[bytes]:
-    """The nf_tables expressions of one plan rule; ``counters`` maps a class to the
-    cage's counter object, which the rule's ACCEPT adds to."""
-    out: list[bytes] = []
-    if spec.in_interface:
-        out += _interface(nfnl.META_IIFNAME, spec.in_interface)
-    if spec.out_interface:
-        out += _interface(nfnl.META_OIFNAME, spec.out_interface)
-    if spec.source:
-        out += _address(12, spec.source, spec.source_inverted)
-    if spec.destination:
-        out += _address(16, spec.destination, False)
-    if spec.ctstate:
-        out += [
-            nfnl.ct_state_load(),
-            nfnl.bitwise_mask(4, struct.pack("=I", _ct_bits(spec.ctstate))),
-            nfnl.cmp(nfnl.CMP_NEQ, b"\0\0\0\0"),
-        ]
-    if spec.counts is not None:
-        out.append(nfnl.objref_counter(counters[spec.counts]))
-    elif spec.target in ("DROP", "REJECT"):
-        # Not billed, but an administrator asking "what did the cage refuse?" (and
-        # the tests) read it with `nft list chain ip jobcage JC-<h>-FTX`.
-        out.append(nfnl.counter())
-    if spec.target == "ACCEPT":
-        out.append(nfnl.immediate_verdict(nfnl.NF_ACCEPT))
-    elif spec.target == "DROP":
-        out.append(nfnl.immediate_verdict(nfnl.NF_DROP))
-    elif spec.target == "REJECT":
-        if spec.reject_with != "icmp-admin-prohibited":
-            raise ValueError(f"unsupported reject {spec.reject_with!r}")
-        out.append(nfnl.reject_admin_prohibited())
-    else:
-        out.append(nfnl.immediate_verdict(nfnl.NFT_JUMP, spec.target))
-    return out
+def _count(key: int, cls: str) -> list[bytes]:
+    """Load the veth's name and add to its cage's counter of ``cls``; a veth without a
+    cage has no counter, and the rule does not match (so it falls to the chain's end)."""
+    return [nfnl.meta_load(key, R_IFNAME), nfnl.objref_map(COUNTER_MAPS[cls], R_IFNAME)]
+
+
+def _spoofed(key: int) -> list[bytes]:
+    return [
+        nfnl.meta_load(key, R_IFNAME),
+        nfnl.payload_load(SADDR, 4, R_AFTER_IFNAME),
+        nfnl.lookup(ADDRESS_SET, R_IFNAME, inverted=True),
+    ]
+
+
+ACCEPT = nfnl.immediate_verdict(nfnl.NF_ACCEPT)
+DROP = nfnl.immediate_verdict(nfnl.NF_DROP)
+REJECT = nfnl.reject_admin_prohibited()
+
+
+def policy_rules(pool: str) -> dict[str, list[list[bytes]]]:
+    """The four policy chains: the same policy and classes as the x_tables layout's
+    per-cage chains (:class:`~.rules.CagePlan`), for every cage at once. Each chain
+    ends in DROP: a jc* veth without a cage's elements matches nothing before it."""
+    iif, oif = nfnl.META_IIFNAME, nfnl.META_OIFNAME
+    return {
+        FWD_TX_CHAIN: [
+            [*_spoofed(iif), *_count(iif, REFUSED_TX), DROP],
+            # Cage to cage: REJECT, so the job fails at once, not at its timeout.
+            [*_network(DADDR, pool), *_count(iif, REFUSED_TX), REJECT],
+            # The campus lists' rules: LAN_TX, ACCEPT if the cage's list has it.
+            [nfnl.immediate_verdict(nfnl.NFT_JUMP, CAMPUS_TX_CHAIN)],
+            [*_count(iif, WAN_TX), ACCEPT],
+            [DROP],
+        ],
+        # Inbound: only replies to what the job opened (already de-NATed here).
+        FWD_RX_CHAIN: [
+            [*_ct_established(), nfnl.immediate_verdict(nfnl.NFT_JUMP, CAMPUS_RX_CHAIN)],
+            [*_ct_established(), *_count(oif, WAN_RX), ACCEPT],
+            [*_count(oif, REFUSED_RX), DROP],
+            [DROP],
+        ],
+        # Job <-> node never passes FORWARD; it is LAN by definition.
+        NODE_TX_CHAIN: [
+            [*_spoofed(iif), *_count(iif, REFUSED_TX), DROP],
+            [*_ct_established(), *_count(iif, LAN_TX), ACCEPT],
+            [
+                nfnl.meta_load(iif, R_IFNAME),
+                nfnl.lookup(NODE_ACCESS_SET, R_IFNAME),
+                *_count(iif, LAN_TX),
+                ACCEPT,
+            ],
+            [*_count(iif, REFUSED_TX), REJECT],
+            [DROP],
+        ],
+        NODE_RX_CHAIN: [
+            [*_ct_established(), *_count(oif, LAN_RX), ACCEPT],
+            [*_count(oif, REFUSED_RX), DROP],
+            [DROP],
+        ],
+    }
 
 
 def shared_messages(pool: str, uplink: str) -> list[Message]:
-    """The table, its maps and hooked chains: what every cage on the node shares."""
-    msgs = [nfnl.new_table(TABLE, exclusive=True)]
-    msgs += [nfnl.new_verdict_map(TABLE, name, i) for i, name in enumerate(MAPS, 1)]
+    """The table, its sets and chains: what every cage on the node shares."""
+    msgs = [nfnl.new_table(TABLE, exclusive=True), nfnl.new_counter(TABLE, CAGES)]
+    sets = [
+        (CAGES, [IFNAME_FIELD], {"counters": True}),
+        (ADDRESS_SET, [IFNAME_FIELD, IPV4_FIELD], {}),
+        (NODE_ACCESS_SET, [IFNAME_FIELD], {}),
+        *((name, [IFNAME_FIELD], {"counters": True}) for name in COUNTER_MAPS.values()),
+    ]
+    msgs += [nfnl.new_set(TABLE, name, i, key, **kw) for i, (name, key, kw) in enumerate(sets, 1)]
+    hooked = [
+        (FORWARD_CHAIN, nfnl.NF_INET_FORWARD),
+        (INPUT_CHAIN, nfnl.NF_INET_LOCAL_IN),
+        (OUTPUT_CHAIN, nfnl.NF_INET_LOCAL_OUT),
+    ]
     msgs += [
-        nfnl.new_chain(TABLE, FORWARD_CHAIN, hook=nfnl.NF_INET_FORWARD, priority=FILTER_PRIORITY),
-        nfnl.new_chain(TABLE, INPUT_CHAIN, hook=nfnl.NF_INET_LOCAL_IN, priority=FILTER_PRIORITY),
-        nfnl.new_chain(TABLE, OUTPUT_CHAIN, hook=nfnl.NF_INET_LOCAL_OUT, priority=FILTER_PRIORITY),
+        nfnl.new_chain(TABLE, name, hook=hook, priority=FILTER_PRIORITY) for name, hook in hooked
+    ]
+    msgs.append(
         nfnl.new_chain(
             TABLE,
             NAT_CHAIN,
             hook=nfnl.NF_INET_POST_ROUTING,
             priority=SRCNAT_PRIORITY,
             chain_type="nat",
-        ),
-    ]
+        )
+    )
+    msgs += [nfnl.new_chain(TABLE, name) for name in POLICY_AND_CAMPUS_CHAINS]
+    for chain, rules in policy_rules(pool).items():
+        msgs += [nfnl.new_rule(TABLE, chain, rule) for rule in rules]
     iif, oif = nfnl.META_IIFNAME, nfnl.META_OIFNAME
     # From-a-job first in FORWARD, as in the x_tables layout: a packet between two
     # cages meets the sender's REJECT before the receiver's DROP.
@@ -184,53 +328,67 @@ def shared_messages(pool: str, uplink: str) -> list[Message]:
         (INPUT_CHAIN, iif, NODE_TX_CHAIN),
         (OUTPUT_CHAIN, oif, NODE_RX_CHAIN),
     ]
-    for chain, key, vmap in dispatch:
-        msgs.append(nfnl.new_rule(TABLE, chain, [nfnl.meta_load(key), nfnl.lookup_verdict(vmap)]))
-    # Fail closed: a packet of a jc* interface whose cage has no element goes nowhere.
-    for chain, key, _vmap in dispatch:
-        drop = [*_interface(key, VETH_WILDCARD), nfnl.immediate_verdict(nfnl.NF_DROP)]
-        msgs.append(nfnl.new_rule(TABLE, chain, drop))
+    for chain, key, target in dispatch:
+        jump = nfnl.immediate_verdict(nfnl.NFT_JUMP, target)
+        msgs.append(nfnl.new_rule(TABLE, chain, [*_interface(key, VETH_WILDCARD), jump]))
     masq = [
-        *_address(12, pool, False),
-        *_interface(nfnl.META_OIFNAME, uplink),
+        *_network(SADDR, pool),
+        *_interface(oif, uplink),
         nfnl.masquerade(),
     ]
     msgs.append(nfnl.new_rule(TABLE, NAT_CHAIN, masq))
     return msgs
 
 
-def cage_messages(cage: CagePlan) -> list[Message]:
-    counters = counter_names(cage)
-    msgs = [nfnl.new_counter(TABLE, name) for name in counters.values()]
-    msgs += [nfnl.new_chain(TABLE, chain.name, exclusive=True) for chain in cage.chains]
-    for chain in cage.chains:
-        msgs += [
-            nfnl.new_rule(TABLE, chain.name, rule_expressions(rule, counters))
-            for rule in chain.rules
-        ]
-    for jump in cage.jumps:
-        key = jump.rule.in_interface or jump.rule.out_interface
-        assert key is not None
-        msgs.append(nfnl.new_jump_element(TABLE, jump.chain, key, jump.rule.target))
+def _cage_elements(cage: CagePlan) -> list[tuple[str, list[nfnl.Element]]]:
+    """set -> the cage's elements in it."""
+    veth = nfnl.ifname(cage.host_veth)
+    own = ipaddress.IPv4Address(cage.address).packed
+    out = [(CAGES, [nfnl.Element(veth, counter=CAGES)]), (ADDRESS_SET, [nfnl.Element(veth + own)])]
+    if cage.campus_networks:
+        out.append((campus_sets(cage.campus_networks)[1], [nfnl.Element(veth)]))
+    if cage.allow_node_access:
+        out.append((NODE_ACCESS_SET, [nfnl.Element(veth)]))
+    names = all_counter_names(cage)
+    out += [(COUNTER_MAPS[cls], [nfnl.Element(veth, counter=name)]) for cls, name in names.items()]
+    return out
+
+
+def cage_messages(cage: CagePlan, *, with_campus_list: bool = False) -> list[Message]:
+    """One cage: its six counters and its elements, O(1) in the kernel however many
+    cages the table holds (no rule, no chain: nothing the kernel re-validates), and
+    its campus list's sets and rules if it is the list's first cage."""
+    what = f"cage {cage.host_veth}"
+    msgs = [nfnl.new_counter(TABLE, name) for name in all_counter_names(cage).values()]
+    if with_campus_list and cage.campus_networks:
+        msgs += campus_list_messages(cage.campus_networks)
+    msgs += [
+        nfnl.new_elements(TABLE, name, elements, what=f"the element of {what} in set {name}")
+        for name, elements in _cage_elements(cage)
+    ]
     return msgs
 
 
 def cage_removal(cage: CagePlan) -> list[Message]:
-    msgs = []
-    for jump in cage.jumps:
-        key = jump.rule.in_interface or jump.rule.out_interface
-        assert key is not None
-        msgs.append(nfnl.del_element(TABLE, jump.chain, key))
-    msgs += [nfnl.del_chain(TABLE, name) for name in cage.chain_names]
-    msgs += [nfnl.del_counter(TABLE, name) for name in counter_names(cage).values()]
+    what = f"cage {cage.host_veth}"
+    msgs = [
+        nfnl.del_elements(TABLE, name, elements, what=f"the element of {what} in set {name}")
+        for name, elements in _cage_elements(cage)
+    ]
+    msgs += [nfnl.del_counter(TABLE, name) for name in all_counter_names(cage).values()]
     return msgs
 
 
-def shared_removal() -> list[Message]:
+def shared_removal(campus_lists: Sequence[str] = ()) -> list[Message]:
     """Deletes the shared part, and fails with EBUSY (changing nothing) while a cage's
-    chain or counter is in the table."""
-    msgs = [nfnl.del_chain(TABLE, name) for name in BASE_CHAINS]
-    msgs += [nfnl.del_set(TABLE, name, only_if_empty=True) for name in MAPS]
+    counter or element is in the table. ``campus_lists`` (network set names) go with
+    it: their networks are the lists' data, not a cage's; their cage sets must be empty."""
+    msgs = [nfnl.del_chain(TABLE, name) for name in BASE_CHAINS + POLICY_AND_CAMPUS_CHAINS]
+    msgs += [nfnl.del_set(TABLE, name, only_if_empty=True) for name in CAGE_SETS]
+    for nets in campus_lists:
+        msgs.append(nfnl.del_set(TABLE, nets + CAGES_SUFFIX, only_if_empty=True))
+        msgs.append(nfnl.del_set(TABLE, nets, only_if_empty=False))
+    msgs.append(nfnl.del_counter(TABLE, CAGES))
     msgs.append(nfnl.del_table(TABLE, only_if_empty=True))
     return msgs
 
@@ -240,9 +398,17 @@ def _translate(e: nfnl.NfnlError, what: str) -> Exception:
         return NetworkError(f"{what}: {e}; JobCage needs root (CAP_NET_ADMIN)")
     if e.errno in (errno.EOPNOTSUPP, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
         return KernelFeatureError(f"{what}: {e}; {_MISSING_FEATURE}")
-    if e.errno == errno.ENOENT and e.what.startswith(("table", "map")):
+    if e.errno == errno.ENOENT and e.what.startswith(("table", "set", "map", "chain")):
         return NetworkError(f"{what}: {e}; JobCage's table `ip {TABLE}` was changed by hand")
     return NetworkError(f"{what}: {e}")
+
+
+def _raced(e: nfnl.NfnlError, first: bool) -> bool:
+    """Whether a refused install met another process's change to what cages share:
+    the table or a campus list made (EEXIST) or removed (ENOENT) since we looked."""
+    if e.errno == errno.EEXIST:
+        return e.what.startswith(("table", f"set {CAMPUS_PREFIX}"))
+    return e.errno == errno.ENOENT and not first
 
 
 class NftablesFirewall(Firewall):
@@ -253,29 +419,31 @@ class NftablesFirewall(Firewall):
     def install(self, cage: CagePlan, pool: str, uplink: Callable[[], str]) -> None:
         hooks.check()
         what = f"installing the rules of cage {cage.host_veth}"
-        own = cage_messages(cage)
+        campus = campus_sets(cage.campus_networks)[0] if cage.campus_networks else None
         for _attempt in range(INSTALL_ATTEMPTS):
             # Asked rather than tried: a transaction the kernel aborts costs an RCU
             # grace period (see nfnl.table_use).
             try:
                 first = nfnl.table_use(TABLE) is None
+                new_list = campus is not None and (first or not nfnl.set_exists(TABLE, campus))
             except nfnl.NfnlError as e:
                 raise _translate(e, what) from e
+            msgs = cage_messages(cage, with_campus_list=new_list)
             try:
                 # The node's first cage makes the shared part in the same transaction.
-                nfnl.transact(shared_messages(pool, uplink()) + own if first else own)
+                nfnl.transact(shared_messages(pool, uplink()) + msgs if first else msgs)
                 return
             except nfnl.NfnlError as e:
-                if e.errno == errno.EEXIST and not e.what.startswith("table"):
-                    raise self._exists(cage, e) from None
-                raced = (e.errno == errno.EEXIST) or (e.errno == errno.ENOENT and not first)
-                if not raced:
+                if not _raced(e, first):
+                    if e.errno == errno.EEXIST:
+                        raise self._exists(cage, e) from None
                     raise _translate(e, what) from e
-                # Another process made the shared part, or removed it with its last
-                # cage, between our question and our transaction: ask again.
+                # Another process made or removed a shared part between our question
+                # and our transaction: ask again.
         raise NetworkError(
-            f"{what}: the shared table `ip {TABLE}` kept appearing and vanishing over "
-            f"{INSTALL_ATTEMPTS} attempts; is another program deleting it?"
+            f"{what}: the shared table `ip {TABLE}` or a campus list's sets kept appearing "
+            f"and vanishing over {INSTALL_ATTEMPTS} attempts; is another program deleting "
+            "them?"
         )
 
     @staticmethod
@@ -312,30 +480,35 @@ class NftablesFirewall(Firewall):
     def _remove_shared_if_unused(self) -> bool:
         what = "removing the shared nftables table of the cages"
         try:
-            use = nfnl.table_use(TABLE)
-            if use is None:
+            cages = nfnl.object_use(TABLE, CAGES)
+            if cages is None and nfnl.table_use(TABLE) is None:
                 return True
-            if use > SHARED_OBJECTS:
-                return False  # other cages' chains and counters are there
-            # Atomic against a cage arriving meanwhile: then EBUSY, nothing changed.
-            nfnl.transact(shared_removal())
-            return True
+            if cages:
+                return False  # other cages are there
+            if cages == 0:
+                # Atomic against a cage arriving meanwhile: then EBUSY, nothing changed.
+                nfnl.transact(shared_removal(self._campus_lists()))
+                return True
         except nfnl.NfnlError as e:
             if e.errno == errno.EBUSY:
                 return False
             if e.errno != errno.ENOENT:
                 raise _translate(e, what) from e
         # Something shared is missing: the table is gone, or was edited by hand. Remove
-        # what is left only if no cage's chain is there.
-        chains = nfnl.dump_chains(TABLE)
-        if any(c.startswith(CAGE_CHAIN_PREFIX) for c in chains):
-            return False
-        if not chains:
-            # No chain when we looked: the table was gone (another last cage removed
-            # it) or empty. A table there now may be a new first cage's (it makes the
-            # table and its chains in one transaction): nothing more is ours to delete.
-            return True
-        self._remove_each(shared_removal()[:-1], what)
+        # what is left only if no cage's counter is there.
+        try:
+            if any(n.startswith(CAGE_CHAIN_PREFIX) for n in nfnl.dump_counters(TABLE)):
+                return False
+            chains = nfnl.dump_chains(TABLE)
+            if not chains:
+                # No chain when we looked: the table was gone (another last cage removed
+                # it) or empty. A table there now may be a new first cage's (it makes
+                # the table and its chains in one transaction): nothing more is ours.
+                return True
+            lists = self._campus_lists()
+        except nfnl.NfnlError as e:
+            raise _translate(e, what) from e
+        self._remove_each(shared_removal(lists)[:-1], what)
         try:
             nfnl.transact([nfnl.del_table(TABLE, only_if_empty=True)])
         except nfnl.NfnlError as e:
@@ -344,6 +517,15 @@ class NftablesFirewall(Firewall):
             if e.errno != errno.ENOENT:
                 raise _translate(e, what) from e
         return True
+
+    @staticmethod
+    def _campus_lists() -> list[str]:
+        """The network set of every campus list in the table."""
+        return [
+            n
+            for n in nfnl.dump_sets(TABLE)
+            if n.startswith(CAMPUS_PREFIX) and not n.endswith(CAGES_SUFFIX)
+        ]
 
     def counters(self, cage: CagePlan) -> NetCounters:
         names = counter_names(cage)
@@ -374,29 +556,83 @@ class NftablesFirewall(Firewall):
         return out
 
     def remove_orphan_chain(self, name: str) -> bool:
-        if name and not name.startswith(CAGE_CHAIN_PREFIX):
-            raise NetworkError(f"{name} is not a per-cage JobCage chain; not removing it")
+        """``name``: one of a cage's counters (this layout has no per-cage chain), or a
+        campus list no cage uses any more, or none (only the shared part)."""
         hooks.check()
-        # Reap names each of a cage's four chains; the first call removes the cage
-        # whole (its chains share the counters), the others find their chain gone.
-        if name and name in nfnl.dump_chains(TABLE):
-            cage_hash = name[len(CAGE_CHAIN_PREFIX) :].split("-", 1)[0]
-            plan = CagePlan(
-                cage_hash=cage_hash,
-                host_veth=f"{VETH_PREFIX}{cage_hash}h",
-                address="0.0.0.0",
-                pool="0.0.0.0/32",
-                campus_networks=(),
-                allow_node_access=False,
-            )
-            self._remove_cage(plan, f"removing the orphaned chain {name}")
-        return self._remove_shared_if_unused()
+        what = f"removing the orphaned {name}"
+        try:
+            if name.startswith(CAMPUS_PREFIX):
+                self._remove_unused_list(name)
+            elif name.startswith(CAGE_CHAIN_PREFIX):
+                self._remove_orphan_cage(name[len(CAGE_CHAIN_PREFIX) :].split("-", 1)[0], what)
+            elif name:
+                raise NetworkError(f"{name} is not a per-cage JobCage object; not removing it")
+            return self._remove_shared_if_unused()
+        except nfnl.NfnlError as e:
+            raise _translate(e, what) from e
+
+    def _remove_orphan_cage(self, cage_hash: str, what: str) -> None:
+        """A cage without a record: what it has is learnt from the table (a dump of
+        each set: reap's cost, not a cage's)."""
+        veth = nfnl.ifname(f"{VETH_PREFIX}{cage_hash}h")
+        sets = nfnl.dump_sets(TABLE)
+        msgs = []
+        for set_name in sets:
+            if set_name.startswith(CAMPUS_PREFIX) and not set_name.endswith(CAGES_SUFFIX):
+                continue
+            mine = [k for k in nfnl.dump_keys(TABLE, set_name) if k.startswith(veth)]
+            if mine:
+                elements = [nfnl.Element(k) for k in mine]
+                msgs.append(nfnl.del_elements(TABLE, set_name, elements))
+        prefix = f"{CAGE_CHAIN_PREFIX}{cage_hash}-"
+        msgs += [
+            nfnl.del_counter(TABLE, n) for n in nfnl.dump_counters(TABLE) if n.startswith(prefix)
+        ]
+        try:
+            nfnl.transact(msgs)
+        except nfnl.NfnlError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            self._remove_each(msgs, what)  # changed meanwhile (another reap?)
+
+    def _remove_unused_list(self, nets: str) -> None:
+        """Removes a campus list's rules and sets, in one transaction that the kernel
+        refuses (EBUSY) if a cage joined the list meanwhile."""
+        cages = nets + CAGES_SUFFIX
+        msgs = [
+            nfnl.del_rule(TABLE, chain, handle)
+            for chain in (CAMPUS_TX_CHAIN, CAMPUS_RX_CHAIN)
+            for handle, sets in nfnl.dump_rules(TABLE, chain)
+            if cages in sets
+        ]
+        msgs += [
+            nfnl.del_set(TABLE, cages, only_if_empty=True),
+            nfnl.del_set(TABLE, nets, only_if_empty=False),
+        ]
+        try:
+            nfnl.transact(msgs)
+        except nfnl.NfnlError as e:
+            if e.errno not in (errno.EBUSY, errno.ENOENT):
+                raise
 
     def our_chains(self) -> dict[str, list[str]]:
+        """Its shared chains, every cage's counters and every campus list no cage uses
+        (reap removes what no record claims)."""
         try:
-            return {TABLE_LABEL: nfnl.dump_chains(TABLE)}
+            names = nfnl.dump_chains(TABLE)
+            seen = set()
+            for n in nfnl.dump_counters(TABLE):
+                # One name per cage: its first counter found removes all of it.
+                cage_hash = n[len(CAGE_CHAIN_PREFIX) :].split("-", 1)[0]
+                if n.startswith(CAGE_CHAIN_PREFIX) and cage_hash not in seen:
+                    seen.add(cage_hash)
+                    names.append(n)
+            names += [
+                n for n in self._campus_lists() if not nfnl.dump_keys(TABLE, n + CAGES_SUFFIX)
+            ]
         except nfnl.NfnlError as e:
             raise _translate(e, f"listing table ip {TABLE}") from e
+        return {TABLE_LABEL: names}
 
 
 __all__ = [
@@ -404,6 +640,6 @@ __all__ = [
     "TABLE_LABEL",
     "NftablesFirewall",
     "cage_messages",
-    "rule_expressions",
+    "policy_rules",
     "shared_messages",
 ]

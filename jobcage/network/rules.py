@@ -1,6 +1,9 @@
 """The rule layout of the network cages, as plain data: what to install, and which
 counters mean what. No kernel calls here, so it is unit-tested without root.
 
+This is the x_tables layout, and the policy: the nftables backend (:mod:`.nftables`)
+lays the same policy and classes out as shared rules over per-cage set elements.
+
 Layout (filter table; ``jc+`` matches every cage's node-side veth)::
 
     FORWARD      -i jc+ -j JOBCAGE-FWD-TX     (job -> anywhere but the node)

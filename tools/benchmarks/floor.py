@@ -10,8 +10,9 @@ removed with the fewest calls from Python, sharing no code with jobcage.network.
   installs them with the first cage) in one `iptables-legacy-restore --noflush`,
   removed by another;
 * rules, nftables: the same table JobCage makes, shared part included, as one
-  transaction each way, its bytes built before the clock starts (with JobCage's own
-  encoder: the encoding is not what is measured) and sent over a socket kept open;
+  transaction in and two out (the cage, then the shared part), its bytes built
+  before the clock starts (with JobCage's own encoder: the encoding is not what is
+  measured) and sent over a socket kept open;
 * teardown: unmount the netns (the kernel deletes both veth ends).
 """
 
@@ -193,8 +194,10 @@ class NftFloor:
         commit, so the maps' "only if empty" delete must come after the elements'."""
         from jobcage.network import nfnl, nftables
 
-        add = nftables.shared_messages(shared.pool, shared.uplink) + nftables.cage_messages(plan)
-        removals = [nftables.cage_removal(plan), nftables.shared_removal()]
+        add = nftables.shared_messages(shared.pool, shared.uplink)
+        add += nftables.cage_messages(plan, with_campus_list=True)
+        lists = [nftables.campus_sets(plan.campus_networks)[0]] if plan.campus_networks else []
+        removals = [nftables.cage_removal(plan), nftables.shared_removal(lists)]
         return (
             [(nfnl.batch_bytes(add), len(add))],
             [(nfnl.batch_bytes(m), len(m)) for m in removals],

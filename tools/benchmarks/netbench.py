@@ -19,7 +19,7 @@ def run(quick: bool, firewalls: tuple[str, ...] = FIREWALLS) -> dict:
 def run_one(quick: bool, firewall: str) -> dict:
     sizes = [0, 20] if quick else [0, 100, 500, 1000]
     crowded = sizes[-1] if quick else 500
-    seconds, reps, requests = (1, 1, 200) if quick else (5, 3, 3000)
+    seconds, reps, requests = (1, 1, 200) if quick else (3, 8, 3000)
     out: dict = {}
     with world.node(firewall) as node:
         datapath.start_http(node)

@@ -47,6 +47,8 @@ def network_markdown(net: dict) -> list[str]:
     lines += [
         "#### Datapath: job -> internet host through a cage vs from the node itself",
         "",
+        "Medians of each; cage / node is the median of back-to-back pairs' ratios.",
+        "",
         "| other cages | iperf3 node Gbit/s | iperf3 cage Gbit/s | cage / node "
         "| HTTP req/s node | HTTP req/s cage | cage / node |",
         "|---|---|---|---|---|---|---|",
