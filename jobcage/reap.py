@@ -44,7 +44,7 @@ from .cgroups import open_backend
 from .cgroups.base import rmdir_if_empty, rmdir_tree
 from .config import Config
 from .errors import CageExistsError, InvalidJobIdError, JobCageError
-from .ids import NAME_PREFIX, validate_job_id
+from .ids import NAME_PREFIX, validate_job_id, veth_names
 from .state import StateStore, owner_alive, process_start_ticks
 from .usage import Usage
 
@@ -119,8 +119,9 @@ def reap(config: Config, *, dry_run: bool = False) -> ReapReport:
             report.live += 1
             continue
         report.cages.append(_reap_record(store, config, taken, reason))
+    reaped = {c.job_id for c in report.cages}
     report.cages += _reap_orphan_cgroups(store, config, dry_run)
-    report.cages += _reap_orphan_network(store, config, dry_run)
+    report.cages += _reap_orphan_network(store, config, dry_run, reaped)
     return report
 
 
@@ -397,7 +398,9 @@ def _reap_orphan_cgroups(store: StateStore, config: Config, dry_run: bool) -> li
     return out
 
 
-def _reap_orphan_network(store: StateStore, config: Config, dry_run: bool) -> list[ReapedCage]:
+def _reap_orphan_network(
+    store: StateStore, config: Config, dry_run: bool, reaped: set[str] = frozenset()
+) -> list[ReapedCage]:
     """Network objects with JobCage's names and no record (``jobcage.network.find_orphans``).
 
     Only for a state dir that has held a networked cage (its ``network/`` dir exists,
@@ -409,6 +412,9 @@ def _reap_orphan_network(store: StateStore, config: Config, dry_run: bool) -> li
     named it then; a cage's record outlives its objects, so the object is no live
     cage's. netns and leases carry the job id and are removed under a claim on it,
     like cgroups. veths and chains carry only a hash of it.
+
+    The veths of the cages ``reaped`` by this run are left out: the kernel deletes a
+    veth with its netns, after the netns' last process is gone, in its own time.
     """
     if not os.path.isdir(os.path.join(config.state_dir, NETWORK_STATE_DIR)):
         return []
@@ -418,9 +424,10 @@ def _reap_orphan_network(store: StateStore, config: Config, dry_run: bool) -> li
         return []
     first = network.find_orphans(config)
     again = set(network.find_orphans(config))
+    going = {veth_names(job_id)[0] for job_id in reaped}
     out = []
     for orphan in first:
-        if orphan not in again:
+        if orphan not in again or (orphan.kind == "veth" and orphan.name in going):
             continue
         job_id = _orphan_job_id(orphan, config)
         cage = ReapedCage(job_id or f"{orphan.kind}:{orphan.name}", "no-record")

@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from jobcage.config import load_config
-from jobcage.errors import ConfigError
+from jobcage.errors import ConfigError, KernelFeatureError
 from jobcage.network import nfnl
 from jobcage.network.nftables import (
     CAGES,
@@ -20,6 +20,7 @@ from jobcage.network.nftables import (
     CAMPUS_PREFIX,
     COUNTER_MAPS,
     FWD_TX_CHAIN,
+    NftablesFirewall,
     all_counter_names,
     cage_messages,
     cage_removal,
@@ -262,3 +263,23 @@ def test_a_commit_that_fails_after_every_message_was_acked_is_a_failure(monkeypa
     with pytest.raises(nfnl.NfnlError, match="transaction") as failed:
         nfnl.transact([nfnl.new_counter("jobcage", "JC-x-LAN-TX")])
     assert failed.value.errno == errno.ENOMEM
+
+
+def test_a_rule_refused_for_a_missing_expression_module_names_the_kernel_feature(monkeypatch):
+    """The kernel answers ENOENT both for a missing chain (a race with the last cage)
+    and for an expression it has no module for: the chain being there tells them apart."""
+    chains = ["JOBCAGE-FWD-TX-CAMPUS"]
+    monkeypatch.setattr(nfnl, "table_use", lambda table: 30)
+    monkeypatch.setattr(nfnl, "set_exists", lambda table, name: False)
+    monkeypatch.setattr(nfnl, "dump_chains", lambda table: chains)
+
+    def refuse(messages):
+        raise nfnl.NfnlError(errno.ENOENT, "a rule of chain JOBCAGE-FWD-TX-CAMPUS")
+
+    monkeypatch.setattr(nfnl, "transact", refuse)
+    monkeypatch.setattr("jobcage.network.hooks.check", lambda: None)
+    with pytest.raises(KernelFeatureError, match="CONFIG_NFT_OBJREF"):
+        NftablesFirewall().install(plan(), "100.64.0.0/16", lambda: "eth0")
+    chains.clear()  # the chain is gone: another process removed the table meanwhile
+    with pytest.raises(Exception, match="kept appearing and vanishing"):
+        NftablesFirewall().install(plan(), "100.64.0.0/16", lambda: "eth0")

@@ -561,6 +561,18 @@ def transact(messages: Sequence[Message]) -> None:
     message the kernel refused (then nothing of the batch was applied)."""
     if not messages:
         return
+    try:
+        _transact(messages)
+    except NfnlError:
+        raise
+    except OSError as e:
+        # The socket failed under the batch (ENOBUFS: answers dropped): whether the
+        # kernel committed it is unknown, and the caller must look.
+        code = e.errno or errno_mod.EIO
+        raise NfnlError(code, "the nf_tables transaction", f"outcome unknown: {e}") from e
+
+
+def _transact(messages: Sequence[Message]) -> None:
     with _channel.use() as sock:
         first = _channel.next_seq(len(messages) + 2)
         by_seq = {first + i: msg for i, msg in enumerate(messages, 1)}
@@ -653,23 +665,40 @@ def _counter_of(obj: dict[int, bytes]) -> tuple[int, int]:
     return packets, nbytes
 
 
-def _dump(kind: int, body: bytes) -> Iterator[dict[int, bytes]]:
-    """Attributes of every object a dump returns; nothing if the table is missing."""
+def _dump_spans(kind: int, body: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(datagram, start, end) of the attributes of every object a dump returns, not
+    parsed (a caller that wants a few attributes of thousands of objects reads them
+    in place); nothing if the table is missing."""
     with _channel.use() as sock:
         seq = _request(sock, kind, NLM_F_DUMP, body)
         while True:
             data = sock.recv(1 << 20)
-            for mkind, flags, mseq, payload, message in _messages(data):
-                if mseq != seq:
-                    continue
-                if mkind == NLMSG_DONE:
-                    return
-                if mkind == NLMSG_ERROR:
-                    code, detail = error_of(message, flags)
-                    if code in (0, errno_mod.ENOENT):
+            at = 0
+            while at + _NLMSGHDR.size <= len(data):
+                length, mkind, flags, mseq, _pid = _NLMSGHDR.unpack_from(data, at)
+                if length < _NLMSGHDR.size or at + length > len(data):
+                    raise NfnlError(errno_mod.EIO, "listing nf_tables objects", "bad message")
+                if mseq == seq:
+                    if mkind == NLMSG_DONE:
                         return
-                    raise NfnlError(code, "listing nf_tables objects", detail)
-                yield parse_attrs(payload, 4)
+                    if mkind == NLMSG_ERROR:
+                        code, detail = error_of(data[at : at + length], flags)
+                        if code in (0, errno_mod.ENOENT):
+                            return
+                        raise NfnlError(code, "listing nf_tables objects", detail)
+                    yield data, at + 20, at + length  # after nlmsghdr and nfgenmsg
+                at += (length + 3) & ~3
+
+
+def _dump(kind: int, body: bytes) -> Iterator[dict[int, bytes]]:
+    """Attributes of every object a dump returns; nothing if the table is missing."""
+    for data, start, end in _dump_spans(kind, body):
+        yield parse_attrs(data[start:end])
+
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NLATTR = struct.Struct("=HH")
+_U64 = struct.Struct(">Q")
 
 
 def _name(raw: bytes | None) -> str:
@@ -677,12 +706,39 @@ def _name(raw: bytes | None) -> str:
 
 
 def dump_counters(table: str) -> dict[str, tuple[int, int]]:
-    """name -> (packets, bytes) of every counter object in ``table``: one dump."""
+    """name -> (packets, bytes) of every counter object in ``table``: one dump, read
+    in place (parsing each object's attributes into dicts cost 8 µs per counter,
+    measured: 24 ms for 3000; this reads the three it needs)."""
     body = string(OBJ_TABLE, table) + be32(OBJ_TYPE, NFT_OBJECT_COUNTER)
+    wanted = table.encode()
     out = {}
-    for attrs in _dump(GETOBJ, body):
-        if _name(attrs.get(OBJ_TABLE)) == table:
-            out[_name(attrs.get(OBJ_NAME))] = _counter_of(attrs)
+    unpack, u64 = _NLATTR.unpack_from, _U64.unpack_from
+    for data, at, end in _dump_spans(GETOBJ, body):
+        name = owner = None
+        packets = nbytes = 0
+        while at + 4 <= end:
+            length, kind = unpack(data, at)
+            if length < 4:
+                break
+            kind &= 0x3FFF
+            if kind == OBJ_NAME:
+                name = data[at + 4 : at + length].rstrip(b"\0")
+            elif kind == OBJ_TABLE:
+                owner = data[at + 4 : at + length].rstrip(b"\0")
+            elif kind == OBJ_DATA:
+                inner, inner_end = at + 4, at + length
+                while inner + 4 <= inner_end:
+                    ilen, ikind = unpack(data, inner)
+                    if ilen < 4:
+                        break
+                    if ikind == COUNTER_BYTES:
+                        nbytes = u64(data, inner + 4)[0]
+                    elif ikind == COUNTER_PACKETS:
+                        packets = u64(data, inner + 4)[0]
+                    inner += (ilen + 3) & ~3
+            at += (length + 3) & ~3
+        if owner == wanted and name is not None:
+            out[name.decode(errors="replace")] = (packets, nbytes)
     return out
 
 

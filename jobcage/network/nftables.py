@@ -434,6 +434,8 @@ class NftablesFirewall(Firewall):
                 nfnl.transact(shared_messages(pool, uplink()) + msgs if first else msgs)
                 return
             except nfnl.NfnlError as e:
+                if self._rule_refused(e, first):
+                    raise KernelFeatureError(f"{what}: {e}; {_MISSING_FEATURE}") from e
                 if not _raced(e, first):
                     if e.errno == errno.EEXIST:
                         raise self._exists(cage, e) from None
@@ -445,6 +447,21 @@ class NftablesFirewall(Firewall):
             f"and vanishing over {INSTALL_ATTEMPTS} attempts; is another program deleting "
             "them?"
         )
+
+    @staticmethod
+    def _rule_refused(e: nfnl.NfnlError, first: bool) -> bool:
+        """A rule refused with ENOENT although its chain and sets are there (made in
+        the same transaction, or found): the kernel has no module for one of its
+        expressions (it answers ENOENT, as for a missing chain)."""
+        prefix = "a rule of chain "
+        if e.errno != errno.ENOENT or not e.what.startswith(prefix):
+            return False
+        if first:
+            return True
+        try:
+            return e.what[len(prefix) :] in nfnl.dump_chains(TABLE)
+        except nfnl.NfnlError:
+            return False
 
     @staticmethod
     def _exists(cage: CagePlan, e: nfnl.NfnlError) -> CageExistsError:
