@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import fcntl
 import functools
 import json
@@ -50,12 +49,9 @@ def _exchange(new: str, path: str) -> bool:
     rename = _renameat2()
     if rename is None:
         return False
-    if rename(AT_FDCWD, new.encode(), AT_FDCWD, path.encode(), RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), path)
+    # Any failure (no such file yet, a file system without exchange: EINVAL, EXDEV on
+    # some overlays) falls back to os.replace, which raises what is really wrong.
+    return rename(AT_FDCWD, new.encode(), AT_FDCWD, path.encode(), RENAME_EXCHANGE) == 0
 
 
 def process_start_ticks(pid: int) -> int | None:

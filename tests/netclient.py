@@ -25,6 +25,10 @@ TIMEOUT = 10.0
 
 def http(method: str, host: str, port: int, path: str, body_size: int = 0) -> bytes:
     with socket.create_connection((host, port), timeout=TIMEOUT) as s:
+        # The server closes first; our close then blocks until the server has ACKed our
+        # FIN (linger), so that ACK is counted before we report, not in the caller's
+        # next measurement.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, int(TIMEOUT)))
         head = f"{method} {path} HTTP/1.0\r\nHost: {host}\r\n"
         if method == "PUT":
             head += f"Content-Length: {body_size}\r\n"

@@ -233,7 +233,9 @@ def _wait_pids_gone(list_pids, timeout: float) -> bool:
         remaining = end - time.monotonic()
         if remaining <= 0:
             return False
-        poller = select.poll()
+        # epoll, not poll: with a storm of thousands, exits arrive a few at a time and
+        # poll(2) would rescan every descriptor on each return.
+        poller = select.epoll()
         fds = []
         try:
             for pid in pids:
@@ -242,15 +244,16 @@ def _wait_pids_gone(list_pids, timeout: float) -> bool:
                 except ProcessLookupError:
                     continue
                 fds.append(fd)
-                poller.register(fd, select.POLLIN)
-            pending = set(fds)
+                poller.register(fd, select.EPOLLIN)
+            pending = len(fds)
             while pending:
                 remaining = end - time.monotonic()
                 if remaining <= 0:
                     break
-                for fd, _ev in poller.poll(remaining * 1000):
-                    pending.discard(fd)
+                for fd, _ev in poller.poll(remaining):
                     poller.unregister(fd)
+                    pending -= 1
         finally:
+            poller.close()
             for fd in fds:
                 os.close(fd)

@@ -1,18 +1,18 @@
-"""Which nftables layout keeps one cage's commit flat in N: an experiment for the next
-layout, not part of tools/bench (docs/performance.md, "What is left").
+"""Which nftables layout keeps one cage's commit flat in N: the experiment that chose
+JobCage's layout (C), not part of tools/bench (docs/performance.md).
 
 For each layout and N, in a private network namespace of its own (`unshare -n`), it
 loads a table `ip jct` holding N cages, then adds and deletes one more cage 15 times
 with `nft -f`, and reports the median time the kernel spent in the batch's send
 (`strace -T`): the commit with its validation, without libnftables' own costs.
 
-* A: today's layout cut to one chain (FTX): a chain per cage, reached through an
+* A: the first layout, cut to one chain (FTX): a chain per cage, reached through an
   ifname -> jump verdict map. A jump element makes the kernel validate the whole table.
 * B: no per-cage chain: shared rules over per-cage set and map elements (anti-spoof
   `ifname . address`, objref maps `ifname -> counter`), campus networks in a
   concatenated interval set `ifname . network` (a pipapo set).
 * C: as B, but the campus networks in one shared interval set and the cages using them
-  in a plain set.
+  in a plain set: what jobcage/network/nftables.py does now.
 
 Run as root (needs nft and strace):
 
