@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -399,7 +400,7 @@ def _reap_orphan_cgroups(store: StateStore, config: Config, dry_run: bool) -> li
 
 
 def _reap_orphan_network(
-    store: StateStore, config: Config, dry_run: bool, reaped: set[str] = frozenset()
+    store: StateStore, config: Config, dry_run: bool, reaped: Collection[str] = ()
 ) -> list[ReapedCage]:
     """Network objects with JobCage's names and no record (``jobcage.network.find_orphans``).
 

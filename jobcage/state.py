@@ -4,8 +4,8 @@ A cage claims ``<state_dir>/cages/<job id>.json`` exclusively *before* it create
 anything, so that a second cage of the same id fails cleanly and an owner killed
 half-way through ``create()`` still leaves a record naming what it may have built.
 The record is rewritten (write to a temporary file, then swap it in) as the cage
-grows, and removed last at teardown. The owner is identified by pid *and* start time, so a
-recycled pid is never mistaken for a live owner.
+grows, and removed last at teardown. The owner is identified by pid *and* start time,
+so a recycled pid is never mistaken for a live owner.
 """
 
 from __future__ import annotations

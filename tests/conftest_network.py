@@ -89,7 +89,12 @@ def node(networld: NetWorld) -> Iterator[NetWorld]:
 
 
 def run_in_cage(netns_path: str, *args: str, timeout: float = 60) -> str:
-    """Run tests/netclient.py inside a cage's netns; return its one result line."""
+    """Run tests/netclient.py inside a cage's netns; return its result (last) line."""
+    return run_in_cage_lines(netns_path, *args, timeout=timeout)[-1]
+
+
+def run_in_cage_lines(netns_path: str, *args: str, timeout: float = 60) -> list[str]:
+    """Run tests/netclient.py inside a cage's netns; return every line it printed."""
     out = subprocess.run(
         ["nsenter", f"--net={netns_path}", "--", sys.executable, world_mod.CLIENT, *args],
         capture_output=True,
@@ -98,4 +103,4 @@ def run_in_cage(netns_path: str, *args: str, timeout: float = 60) -> str:
     )
     if out.returncode != 0:
         raise AssertionError(f"netclient {args} failed: {out.stderr}")
-    return out.stdout.strip().splitlines()[-1]
+    return out.stdout.strip().splitlines()

@@ -42,7 +42,21 @@ def http(method: str, host: str, port: int, path: str, body_size: int = 0) -> by
         data = bytearray()
         while chunk := s.recv(1 << 16):
             data += chunk
+        global RETRANSMITTED
+        RETRANSMITTED = bytes_retransmitted(s)
     return bytes(data.split(b"\r\n\r\n", 1)[1])
+
+
+RETRANSMITTED = 0
+TCPI_BYTES_RETRANS = 208  # offset of tcpi_bytes_retrans in struct tcp_info (Linux 4.19)
+
+
+def bytes_retransmitted(s: socket.socket) -> int:
+    """What this side sent twice: the counters see it twice, the payload once."""
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    if len(info) < TCPI_BYTES_RETRANS + 8:
+        return 0
+    return struct.unpack_from("=Q", info, TCPI_BYTES_RETRANS)[0]
 
 
 def checksum(data: bytes) -> int:
@@ -84,7 +98,9 @@ def main(argv: list[str]) -> str:
     if cmd == "get":
         return str(len(http("GET", args[0], int(args[1]), f"/bytes/{int(args[2])}")))
     if cmd == "put":
-        return http("PUT", args[0], int(args[1]), "/sink", int(args[2])).decode()
+        stored = http("PUT", args[0], int(args[1]), "/sink", int(args[2])).decode()
+        print(f"retransmitted {RETRANSMITTED}")
+        return stored
     if cmd == "udp-send":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         if len(args) > 4:

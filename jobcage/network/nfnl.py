@@ -91,10 +91,10 @@ DATA_VALUE, DATA_VERDICT = 1, 2
 VERDICT_CODE, VERDICT_CHAIN = 1, 2
 
 NFT_OBJECT_COUNTER = 1
-NFT_SET_INTERVAL, NFT_SET_MAP, NFT_SET_OBJECT, NFT_SET_CONCAT = 0x4, 0x8, 0x40, 0x80
+NFT_SET_INTERVAL, NFT_SET_OBJECT, NFT_SET_CONCAT = 0x4, 0x40, 0x80
 # nft's datatype ids, so that `nft list` prints keys and data as what they are; a
 # concatenation's id is its parts' ids, 6 bits each (nft's TYPE_BITS).
-TYPE_IPADDR, TYPE_MARK, TYPE_IFNAME = 7, 19, 41
+TYPE_IPADDR, TYPE_IFNAME = 7, 41
 IFNAMSIZ = 16
 
 NF_DROP, NF_ACCEPT, NFT_JUMP = 0, 1, -3
@@ -309,14 +309,12 @@ def new_set(
     key: Sequence[tuple[int, int]],
     *,
     interval: bool = False,
-    data: tuple[int, int] | None = None,
     counters: bool = False,
 ) -> Message:
-    """A set (or map: ``data`` is its value's (type, length), ``counters`` makes it name
-    counter objects) keyed by the concatenation of ``key``'s (nft type, length) fields."""
-    kind = "map" if data or counters else "set"
-    flags = (NFT_SET_INTERVAL if interval else 0) | (NFT_SET_MAP if data else 0)
-    flags |= NFT_SET_OBJECT if counters else 0
+    """A set keyed by the concatenation of ``key``'s (nft type, length) fields; with
+    ``counters``, a map from the key to a counter object's name."""
+    kind = "map" if counters else "set"
+    flags = (NFT_SET_INTERVAL if interval else 0) | (NFT_SET_OBJECT if counters else 0)
     body = string(SET_TABLE, table) + string(SET_NAME, name)
     body += be32(SET_KEY_TYPE, _concat_type([t for t, _ in key]))
     body += be32(SET_KEY_LEN, sum(_register_len(n) for _, n in key))
@@ -325,14 +323,12 @@ def new_set(
         flags |= NFT_SET_CONCAT
         fields = [nest(LIST_ELEM, be32(SET_FIELD_LEN, n)) for _, n in key]
         body += nest(SET_DESC, nest(SET_DESC_CONCAT, *fields))
-    else:
+    elif key[0][0] == TYPE_IFNAME:
         # nft's user data: a string key is in host byte order (without it `nft list`
         # prints every ifname key as "").
         body += attr(
             SET_USERDATA, bytes([UDATA_KEYBYTEORDER, 4]) + struct.pack("=I", BYTEORDER_HOST)
         )
-    if data:
-        body += be32(SET_DATA_TYPE, data[0]) + be32(SET_DATA_LEN, data[1])
     if counters:
         body += be32(SET_OBJ_TYPE, NFT_OBJECT_COUNTER)
     body += be32(SET_FLAGS, flags)
@@ -356,15 +352,12 @@ class Element:
 
     key: bytes
     interval_end: bool = False
-    data: bytes | None = None
     counter: str | None = None
 
     def encode(self, with_value: bool) -> bytes:
         out = value(SET_ELEM_KEY, self.key)
         if self.interval_end:
             out += be32(SET_ELEM_FLAGS, SET_ELEM_INTERVAL_END)
-        if with_value and self.data is not None:
-            out += value(SET_ELEM_DATA, self.data)
         if with_value and self.counter is not None:
             out += string(SET_ELEM_OBJREF, self.counter)
         return nest(LIST_ELEM, out)
