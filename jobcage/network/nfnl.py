@@ -637,17 +637,20 @@ def get_counters(table: str, names: Sequence[str]) -> list[tuple[int, int] | Non
 def object_use(table: str, name: str) -> int | None:
     """How many rules and set elements refer to the counter object ``name`` (None: no
     such object or table): one NFT_MSG_GETOBJ."""
+    found = _get(GETOBJ, _obj_key(table, name), f"counter {name}")
+    return None if found is None else struct.unpack(">I", found[OBJ_USE])[0]
+
+
+def _get(kind: int, body: bytes, what: str) -> dict[int, bytes] | None:
+    """The attributes of the one object a GET names (None: no such object)."""
     with _channel.use() as sock:
-        kind, flags, payload, message = _reply(
-            sock, _request(sock, GETOBJ, 0, _obj_key(table, name))
-        )
-    if kind == NLMSG_ERROR:
+        mkind, flags, payload, message = _reply(sock, _request(sock, kind, 0, body))
+    if mkind == NLMSG_ERROR:
         code, detail = error_of(message, flags)
         if code == errno_mod.ENOENT:
             return None
-        raise NfnlError(code or errno_mod.EIO, f"counter {name}", detail)
-    (use,) = struct.unpack(">I", parse_attrs(payload, 4)[OBJ_USE])
-    return use
+        raise NfnlError(code or errno_mod.EIO, what, detail)
+    return parse_attrs(payload, 4)
 
 
 def _counter_of(obj: dict[int, bytes]) -> tuple[int, int]:
@@ -786,14 +789,7 @@ def dump_keys(table: str, set_name: str) -> list[bytes]:
 def set_exists(table: str, name: str) -> bool:
     """One NFT_MSG_GETSET (a hash lookup in the kernel)."""
     body = string(SET_TABLE, table) + string(SET_NAME, name)
-    with _channel.use() as sock:
-        kind, flags, _payload, message = _reply(sock, _request(sock, GETSET, 0, body))
-    if kind != NLMSG_ERROR:
-        return True
-    code, detail = error_of(message, flags)
-    if code == errno_mod.ENOENT:
-        return False
-    raise NfnlError(code or errno_mod.EIO, f"set {name}", detail)
+    return _get(GETSET, body, f"set {name}") is not None
 
 
 def dump_chains(table: str) -> list[str]:
@@ -807,20 +803,11 @@ def dump_chains(table: str) -> list[str]:
 
 def table_use(table: str) -> int | None:
     """How many chains, sets and objects ``table`` holds (None: no such table). One
-    NFT_MSG_GETTABLE: a way to learn "is this the last cage?" without a transaction
+    NFT_MSG_GETTABLE: a way to learn "is this the first cage?" without a transaction
     that might abort (measured here: an aborted transaction costs 8-15 ms, by its
     duration an RCU grace period; a committed one 0.2 ms)."""
-    with _channel.use() as sock:
-        kind, flags, payload, message = _reply(
-            sock, _request(sock, GETTABLE, 0, string(TABLE_NAME, table))
-        )
-    if kind == NLMSG_ERROR:
-        code, detail = error_of(message, flags)
-        if code == errno_mod.ENOENT:
-            return None
-        raise NfnlError(code or errno_mod.EIO, f"table ip {table}", detail)
-    (use,) = struct.unpack(">I", parse_attrs(payload, 4)[TABLE_USE])
-    return use
+    found = _get(GETTABLE, string(TABLE_NAME, table), f"table ip {table}")
+    return None if found is None else struct.unpack(">I", found[TABLE_USE])[0]
 
 
 def available() -> bool:
