@@ -424,8 +424,9 @@ class NftablesFirewall(Firewall):
             # Asked rather than tried: a transaction the kernel aborts costs an RCU
             # grace period (see nfnl.table_use).
             try:
-                first = nfnl.table_use(TABLE) is None
-                new_list = campus is not None and (first or not nfnl.set_exists(TABLE, campus))
+                # A campus list's set there means the table is too: one question.
+                new_list = campus is not None and not nfnl.set_exists(TABLE, campus)
+                first = (campus is None or new_list) and nfnl.table_use(TABLE) is None
             except nfnl.NfnlError as e:
                 raise _translate(e, what) from e
             msgs = cage_messages(cage, with_campus_list=new_list)
