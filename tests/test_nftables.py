@@ -186,3 +186,43 @@ def test_a_long_campus_list_is_one_set(node, nft_config, job_id):
         assert len(body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))) == 1
     finally:
         cage.destroy()
+
+
+def test_a_cage_that_lost_the_race_to_make_a_campus_list_joins_it(node, monkeypatch):
+    """Two first cages of a new list both find it missing; the second one's NEWSET is
+    refused (EEXIST) and it must join the list instead of failing. Replayed against
+    the kernel: the second is told the list is missing once, after the first made it."""
+    from jobcage.network.rules import cage_plan
+
+    def plan(k: int):
+        return cage_plan(
+            cage_hash=f"{k:012x}",
+            host_veth=f"jc{k:012x}h",
+            address=f"100.64.0.{4 * k + 2}",
+            pool=world_mod.POOL,
+            campus_networks=("198.18.0.0/15",),
+            allow_node_access=False,
+        )
+
+    firewall, uplink = NftablesFirewall(), lambda: "eth0"
+    firewall.install(plan(1), world_mod.POOL, uplink)
+    real, told = nfnl.set_exists, []
+
+    def missing_once(table: str, name: str) -> bool:
+        if not told:
+            told.append(name)
+            return False
+        return real(table, name)
+
+    monkeypatch.setattr(nfnl, "set_exists", missing_once)
+    try:
+        firewall.install(plan(2), world_mod.POOL, uplink)
+        assert told == [campus_sets(("198.18.0.0/15",))[0]]
+        cages = campus_sets(("198.18.0.0/15",))[1]
+        rules = body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))
+        assert len(rules) == 1
+        members = nft(node, "list", "set", "ip", "jobcage", cages)
+        assert '"jc000000000001h"' in members and '"jc000000000002h"' in members
+    finally:
+        firewall.remove(plan(2))
+        assert firewall.remove(plan(1)) is True  # the last: the table goes
