@@ -13,7 +13,12 @@ import pytest
 from jobcage.config import Config
 from jobcage.errors import NetworkError, TeardownError
 from jobcage.network import NetworkCage, find_orphans, nfnl, remove_orphan
-from jobcage.network.nftables import NftablesFirewall, campus_sets, shared_removal
+from jobcage.network.nftables import (
+    NftablesFirewall,
+    cage_removal,
+    campus_sets,
+    shared_removal,
+)
 
 from . import networld as world_mod
 from .conftest_network import run_in_cage
@@ -91,7 +96,7 @@ def test_the_table_reads_back_as_the_layout(node, nft_config, job_id):
             "JOBCAGE-LAN-TX": f'"{veth}" : "JC-{h}-LAN-TX"',
             "JOBCAGE-REFUSED-RX": f'"{veth}" : "JC-{h}-REFUSED-RX"',
             "JOBCAGE-CAGES": f'"{veth}" : "JOBCAGE-CAGES"',
-            cages: f'"{veth}"',
+            cages: f'"{veth}" : "{nets}"',
             nets: world_mod.CAMPUS_NETWORK,
         }
         for set_name, element in elements.items():
@@ -103,7 +108,7 @@ def test_the_table_reads_back_as_the_layout(node, nft_config, job_id):
         cage.destroy()
 
 
-def test_cages_of_one_campus_list_share_it_and_reap_removes_it_unused(node, nft_config, job_id):
+def test_cages_of_one_campus_list_share_it_and_its_last_cage_removes_it(node, nft_config, job_id):
     nets = campus_sets([world_mod.CAMPUS_NETWORK])[0]
     other = ("198.18.0.0/15",)
     a = NetworkCage.create(job_id + "a", nft_config)
@@ -113,23 +118,37 @@ def test_cages_of_one_campus_list_share_it_and_reap_removes_it_unused(node, nft_
         rules = body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))
         assert len(rules) == 2  # one per list, not per cage
         assert nfnl.object_use("jobcage", "JOBCAGE-CAGES") == 3
-        c.destroy()
-        # Left for the next cage of that list, until reap (or the last cage) removes it.
-        unused = campus_sets(other)[0]
-        orphans = [o for o in find_orphans(nft_config) if o.kind == "campus"]
-        assert [o.name for o in orphans] == [unused]
-        remove_orphan(orphans[0], nft_config)
-        assert [o for o in find_orphans(nft_config) if o.kind == "campus"] == []
+        assert nfnl.object_use("jobcage", nets) == 2
+        c.destroy()  # the last of its list
+        assert campus_sets(other)[0] not in nft(node, "list", "table", "ip", "jobcage")
         assert len(body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))) == 1
-        # The list in use stays, and still counts.
-        a.destroy()
-        assert nets in nft(node, "list", "table", "ip", "jobcage")
+        a.destroy()  # not the last of its list: the list stays, and still counts
+        assert nfnl.object_use("jobcage", nets) == 1
         port = str(SERVER_PORT)
         assert run_in_cage(b.netns_path, "get", CAMPUS_HOST, port, "1000") == "1000"
         assert b.counters().net_lan_rx_bytes >= 1000
     finally:
         for cage in (a, b, c):
             cage.destroy()
+
+
+def test_reap_removes_a_campus_list_its_last_cage_left(node, nft_config, job_id):
+    """A cage whose owner died between removing its elements and its list's."""
+    keep = NetworkCage.create(job_id + "k", nft_config)
+    gone = NetworkCage.create(job_id + "g", nft_config, ("198.18.0.0/15",))
+    try:
+        nfnl.transact(cage_removal(gone.plan))  # its elements and counters, not the list
+        orphans = [o for o in find_orphans(nft_config) if o.kind == "campus"]
+        assert [o.name for o in orphans] == [campus_sets(("198.18.0.0/15",))[0]]
+        remove_orphan(orphans[0], nft_config)
+        assert [o for o in find_orphans(nft_config) if o.kind == "campus"] == []
+        assert len(body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))) == 1
+    finally:
+        try:
+            with pytest.raises(TeardownError, match=r"counters .* are gone"):
+                gone.destroy()  # its counters went above; the rest of it goes now
+        finally:
+            keep.destroy()
 
 
 def test_the_shared_part_cannot_be_removed_under_a_cage(node, nft_config, job_id):
@@ -221,7 +240,7 @@ def test_a_cage_that_lost_the_race_to_make_a_campus_list_joins_it(node, monkeypa
         cages = campus_sets(("198.18.0.0/15",))[1]
         rules = body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))
         assert len(rules) == 1
-        members = nft(node, "list", "set", "ip", "jobcage", cages)
+        members = nft(node, "list", "map", "ip", "jobcage", cages)
         assert '"jc000000000001h"' in members and '"jc000000000002h"' in members
     finally:
         firewall.remove(plan(2))

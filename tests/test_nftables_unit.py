@@ -155,7 +155,14 @@ def test_campus_ranges_are_a_start_and_an_end_flagged_as_such():
     assert nfnl.SET_ELEM_INTERVAL_END.to_bytes(4, "big") not in elements.body[-8:]
     msgs = campus_list_messages(("192.0.2.0/24",))
     kinds = [m.kind for m in msgs]
-    assert kinds == [nfnl.NEWSET, nfnl.NEWSET, nfnl.NEWSETELEM, nfnl.NEWRULE, nfnl.NEWRULE]
+    assert kinds == [
+        nfnl.NEWOBJ,  # the list's counter: its use count is the list's number of cages
+        nfnl.NEWSET,
+        nfnl.NEWSET,
+        nfnl.NEWSETELEM,
+        nfnl.NEWRULE,
+        nfnl.NEWRULE,
+    ]
     [elements] = [m for m in msgs if m.kind == nfnl.NEWSETELEM]
     assert bytes([192, 0, 2, 0]) in elements.body and bytes([192, 0, 3, 0]) in elements.body
 

@@ -13,7 +13,9 @@ rules are shared, and a cage is only elements of sets and maps, and its counters
       map JOBCAGE-CAGES { ifname : counter }             every veth -> JOBCAGE-CAGES,
                                                          whose use count is the cages'
       set JOBCAGE-CAMPUS-<id> { ipv4_addr; interval }    per campus list in use: its
-      set JOBCAGE-CAMPUS-<id>-CAGES { ifname }           networks and its cages
+      map JOBCAGE-CAMPUS-<id>-CAGES { ifname : counter } networks, its cages (each ->
+      counter JOBCAGE-CAMPUS-<id>                        the list's counter: its use
+                                                         count is the list's cages)
       chain JOBCAGE-FORWARD  hook forward:  iifname "jc*" jump JOBCAGE-FWD-TX
                                             oifname "jc*" jump JOBCAGE-FWD-RX
       chain JOBCAGE-INPUT / -OUTPUT  hook input / output: jump JOBCAGE-NODE-TX / -RX
@@ -34,9 +36,9 @@ rule, DROP, takes it: fail closed.
   rule or jump changes, which would make the kernel validate the whole table (the
   per-cage-chain layout this replaced cost 0.4 ms of kernel time per cage at 500
   cages, and grew: tools/benchmarks/nft_layouts.py).
-* A campus list is data shared by its cages: its first cage adds its two sets and
-  two rules (found missing by one NFT_MSG_GETSET), the others one element. A list no
-  cage uses stays until the last cage removes the table, or `jobcage reap` removes it.
+* A campus list is data shared by its cages: its first cage adds its two sets, its
+  counter and two rules (found missing by one NFT_MSG_GETSET), the others one
+  element; its last cage removes it (the counter's use count, one NFT_MSG_GETOBJ).
 * A packet finds its cage by hash lookups, whatever the number of cages.
 * A cage's usage is four NFT_MSG_GETOBJ (hash lookups); every cage's is one dump.
 * The shared part is made with the first cage (NEWTABLE with NLM_F_EXCL: of two
@@ -158,10 +160,9 @@ def _collapsed(networks: Sequence[str]) -> list[ipaddress.IPv4Network]:
 
 @functools.lru_cache(maxsize=16)
 def campus_list_messages(networks: tuple[str, ...]) -> tuple[Message, ...]:
-    """A campus list's two sets and the two rules that count its cages' LAN traffic.
-    Made by the list's first cage; left when its last goes, until the table goes or
-    `jobcage reap` removes it (a rule change makes the kernel check the table: cheap
-    once per list, not per cage)."""
+    """A campus list's two sets, its counter and the two rules that count its cages'
+    LAN traffic. Made by the list's first cage, removed by its last (a rule change
+    makes the kernel check the table: cheap once per list, not per cage)."""
     nets, cages = campus_sets(networks)
     elements = []
     for net in _collapsed(networks):
@@ -172,8 +173,11 @@ def campus_list_messages(networks: tuple[str, ...]) -> tuple[Message, ...]:
         if end < 1 << 32:
             elements.append(nfnl.Element(end.to_bytes(4, "big"), interval_end=True))
     msgs = [
+        # A counter of the list's own name that each of its cages' elements refers
+        # to: its use count tells the last cage of the list, in one GETOBJ.
+        nfnl.new_counter(TABLE, nets),
         nfnl.new_set(TABLE, nets, 0, [IPV4_FIELD], interval=True),
-        nfnl.new_set(TABLE, cages, 0, [IFNAME_FIELD]),
+        nfnl.new_set(TABLE, cages, 0, [IFNAME_FIELD], counters=True),
     ]
     if elements:
         msgs.append(nfnl.new_elements(TABLE, nets, elements, what=f"the networks of set {nets}"))
@@ -346,7 +350,8 @@ def _cage_elements(cage: CagePlan) -> list[tuple[str, list[nfnl.Element]]]:
     own = ipaddress.IPv4Address(cage.address).packed
     out = [(CAGES, [nfnl.Element(veth, counter=CAGES)]), (ADDRESS_SET, [nfnl.Element(veth + own)])]
     if cage.campus_networks:
-        out.append((campus_sets(cage.campus_networks)[1], [nfnl.Element(veth)]))
+        nets, cages = campus_sets(cage.campus_networks)
+        out.append((cages, [nfnl.Element(veth, counter=nets)]))
     if cage.allow_node_access:
         out.append((NODE_ACCESS_SET, [nfnl.Element(veth)]))
     names = all_counter_names(cage)
@@ -388,6 +393,7 @@ def shared_removal(campus_lists: Sequence[str] = ()) -> list[Message]:
     for nets in campus_lists:
         msgs.append(nfnl.del_set(TABLE, nets + CAGES_SUFFIX, only_if_empty=True))
         msgs.append(nfnl.del_set(TABLE, nets, only_if_empty=False))
+        msgs.append(nfnl.del_counter(TABLE, nets))
     msgs.append(nfnl.del_counter(TABLE, CAGES))
     msgs.append(nfnl.del_table(TABLE, only_if_empty=True))
     return msgs
@@ -407,7 +413,7 @@ def _raced(e: nfnl.NfnlError, first: bool) -> bool:
     """Whether a refused install met another process's change to what cages share:
     the table or a campus list made (EEXIST) or removed (ENOENT) since we looked."""
     if e.errno == errno.EEXIST:
-        return e.what.startswith(("table", f"set {CAMPUS_PREFIX}"))
+        return e.what.startswith(("table", f"set {CAMPUS_PREFIX}", f"counter {CAMPUS_PREFIX}"))
     return e.errno == errno.ENOENT and not first
 
 
@@ -473,8 +479,19 @@ class NftablesFirewall(Firewall):
 
     def remove(self, cage: CagePlan) -> bool:
         hooks.check()
-        self._remove_cage(cage, f"removing the rules of cage {cage.host_veth}")
-        return self._remove_shared_if_unused()
+        what = f"removing the rules of cage {cage.host_veth}"
+        self._remove_cage(cage, what)
+        if self._remove_shared_if_unused():
+            return True
+        if cage.campus_networks:
+            # The last cage of its campus list takes the list with it.
+            nets = campus_sets(cage.campus_networks)[0]
+            try:
+                if nfnl.object_use(TABLE, nets) == 0:
+                    self._remove_unused_list(nets)
+            except nfnl.NfnlError as e:
+                raise _translate(e, what) from e
+        return False
 
     def _remove_cage(self, cage: CagePlan, what: str) -> None:
         try:
@@ -614,8 +631,8 @@ class NftablesFirewall(Firewall):
             self._remove_each(msgs, what)  # changed meanwhile (another reap?)
 
     def _remove_unused_list(self, nets: str) -> None:
-        """Removes a campus list's rules and sets, in one transaction that the kernel
-        refuses (EBUSY) if a cage joined the list meanwhile."""
+        """Removes a campus list's rules, sets and counter, in one transaction that the
+        kernel refuses (EBUSY) if a cage joined the list meanwhile."""
         cages = nets + CAGES_SUFFIX
         msgs = [
             nfnl.del_rule(TABLE, chain, handle)
@@ -626,6 +643,7 @@ class NftablesFirewall(Firewall):
         msgs += [
             nfnl.del_set(TABLE, cages, only_if_empty=True),
             nfnl.del_set(TABLE, nets, only_if_empty=False),
+            nfnl.del_counter(TABLE, nets),
         ]
         try:
             nfnl.transact(msgs)
@@ -645,9 +663,8 @@ class NftablesFirewall(Firewall):
                 if n.startswith(CAGE_CHAIN_PREFIX) and cage_hash not in seen:
                     seen.add(cage_hash)
                     names.append(n)
-            names += [
-                n for n in self._campus_lists() if not nfnl.dump_keys(TABLE, n + CAGES_SUFFIX)
-            ]
+            # Left by a cage whose removal did not finish (its owner killed).
+            names += [n for n in self._campus_lists() if not nfnl.object_use(TABLE, n)]
         except nfnl.NfnlError as e:
             raise _translate(e, f"listing table ip {TABLE}") from e
         return {TABLE_LABEL: names}
