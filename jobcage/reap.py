@@ -426,14 +426,22 @@ def _reap_orphan_network(
     first = network.find_orphans(config)
     again = set(network.find_orphans(config))
     going = {veth_names(job_id)[0] for job_id in reaped}
+    failed: set[str] = set()  # jobs (by hash) with an object that would not go
     out = []
-    for orphan in first:
+    for orphan in first:  # leases come last
         if orphan not in again or (orphan.kind == "veth" and orphan.name in going):
             continue
         job_id = _orphan_job_id(orphan, config)
         cage = ReapedCage(job_id or f"{orphan.kind}:{orphan.name}", "no-record")
         cage.removed.append(f"{orphan.kind} {orphan.name}")
-        if not dry_run:
+        if orphan.kind == "lease" and orphan.cage in failed:
+            # Released, it would leave the job's veth or rules to no state dir.
+            cage.errors.append(
+                f"lease {orphan.name} kept: the job's other objects could not be removed "
+                "(see above); run `jobcage reap` again"
+            )
+            cage.removed.clear()
+        elif not dry_run:
             if job_id is None:
                 _remove_network_orphan(orphan, config, cage)
             else:
@@ -441,6 +449,8 @@ def _reap_orphan_network(
                     if not ours:
                         continue  # a cage claimed this id since: it is live
                     _remove_network_orphan(orphan, config, cage)
+            if cage.errors and getattr(orphan, "cage", ""):
+                failed.add(orphan.cage)
         out.append(cage)
     return out
 

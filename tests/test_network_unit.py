@@ -15,8 +15,9 @@ from jobcage.errors import (
     ConfigError,
     KernelFeatureError,
     NetworkError,
+    TeardownError,
 )
-from jobcage.ids import netns_name
+from jobcage.ids import netns_name, veth_names
 from jobcage.network import NetCounters, NetworkCage, Orphan, remove_orphan, rtnl
 from jobcage.network import netns as netns_mod
 from jobcage.network.addresses import AddressPool, LeaseStore
@@ -547,3 +548,73 @@ def test_reap_keeps_a_lease_while_its_netns_is_still_there(tmp_path, monkeypatch
     lingering.unlink()
     remove_orphan(orphan, config)
     assert store.held() == {}
+
+
+class _RulesStuck:
+    """A firewall whose rules of a cage would not go (a kernel error mid-removal)."""
+
+    def counters(self, plan):
+        return NetCounters()
+
+    def remove(self, plan):
+        raise NetworkError("removing the rules failed")
+
+
+def test_teardown_keeps_the_lease_while_the_rules_are_left(tmp_path, monkeypatch):
+    """With the lease released, the cage's rules would be no state dir's orphans."""
+    store = LeaseStore(str(tmp_path), AddressPool("100.64.0.0/16"))
+    lease, _ = store.acquire("1234.0")
+    cage = NetworkCage(
+        job_id="1234.0",
+        netns_name="jobcage-1234.0",
+        host_veth="jc0123456789abh",
+        address=lease.job,
+        host_address=lease.host,
+        lease_index=lease.index,
+        pool="100.64.0.0/16",
+        campus_networks=("192.0.2.0/24",),
+        allow_node_access=False,
+        state_dir=str(tmp_path),
+    )
+    monkeypatch.setattr(cage, "_firewall", _RulesStuck)
+    monkeypatch.setattr(netns_mod, "remove", lambda name: None)
+    monkeypatch.setattr(netns_mod, "remove_resolv_conf", lambda name: None)
+    with pytest.raises(TeardownError, match="removing the rules failed"):
+        cage.destroy()
+    assert store.held() == {lease.index: "1234.0"}
+
+
+def test_reap_keeps_a_lease_while_another_object_of_its_job_is_left(tmp_path, monkeypatch):
+    """Leases are released last in a reap pass; a job whose chain would not go keeps
+    its lease (and so its chain stays this state dir's orphan for the next pass)."""
+    from jobcage import network
+    from jobcage.reap import _reap_orphan_network
+    from jobcage.state import StateStore
+
+    config = Config(state_dir=str(tmp_path / "state"), address_pool="100.64.0.0/16")
+    store = LeaseStore(config.state_dir, AddressPool(config.address_pool))
+    stuck, _ = store.acquire("j1")
+    fine, _ = store.acquire("j2")
+    h1, h2 = (veth[2:-1] for veth in (veth_names("j1")[0], veth_names("j2")[0]))
+    orphans = [
+        Orphan("chain", f"JC-{h1}-LAN-TX", "ip jobcage", cage=h1),
+        Orphan("chain", f"JC-{h2}-LAN-TX", "ip jobcage", cage=h2),
+        Orphan("lease", str(stuck.index), cage=h1),
+        Orphan("lease", str(fine.index), cage=h2),
+    ]
+    monkeypatch.setattr(network, "find_orphans", lambda config: list(orphans))
+    removed = []
+
+    def remove_orphan(orphan, config):
+        if orphan.name == f"JC-{h1}-LAN-TX":
+            raise NetworkError("EBUSY")
+        if orphan.kind == "lease":
+            store.release(int(orphan.name), store.held()[int(orphan.name)])
+        removed.append(orphan.name)
+
+    monkeypatch.setattr(network, "remove_orphan", remove_orphan)
+    reaped = _reap_orphan_network(StateStore(config.state_dir), config, dry_run=False)
+    assert store.held() == {stuck.index: "j1"}
+    assert removed == [f"JC-{h2}-LAN-TX", str(fine.index)]
+    [kept] = [c for c in reaped if c.job_id == "j1" and not c.removed]
+    assert any("lease" in e and "reap` again" in e for e in kept.errors)

@@ -234,24 +234,33 @@ class NetworkCage:
                 # job; nothing to count and nothing lost. Chains gone alone is a loss.
                 if os.path.exists(self.netns_path):
                     errors.append(e)
-        netns_left: list[bool] = []
+        left: list[bool] = []
+
+        def drop_rules() -> None:
+            if remove_rules:
+                try:
+                    firewall.remove(self.plan)
+                except BaseException:
+                    left.append(True)
+                    raise
 
         def drop_netns() -> None:
             if remove_netns:
                 try:
                     netns.remove(self.netns_name)
                 except BaseException:
-                    netns_left.append(True)
+                    left.append(True)
                     raise
 
         steps = [
-            lambda: firewall.remove(self.plan) if remove_rules else None,
+            drop_rules,
             drop_netns,
-            # Kept while the netns lingers: its eth0 still holds the address, and the
-            # lease is what lets `jobcage reap` find the netns as this node's orphan.
+            # Kept while the netns or the rules linger: the netns' eth0 still holds the
+            # address, and the lease is what lets `jobcage reap` find them as this state
+            # dir's orphans.
             lambda: (
                 None
-                if netns_left or keep_lease
+                if left or keep_lease
                 else self._leases().release(self.lease_index, self.job_id)
             ),
             lambda: netns.remove_resolv_conf(self.netns_name) if remove_resolv else None,
@@ -357,6 +366,10 @@ class Orphan:
     kind: str  # "netns", "veth", "chain", "lease", "shared", "campus"
     name: str
     table: str | None = None
+    # The hash of the job a veth, chain or lease belongs to: reap keeps a lease while
+    # any other object of its job could not be removed, as the lease is what makes
+    # them this state dir's.
+    cage: str = ""
 
 
 def find_orphans(config: Config) -> list[Orphan]:
@@ -398,13 +411,22 @@ def find_orphans(config: Config) -> list[Orphan]:
     # leases names the job (a lease is taken before the netns is made and released only
     # after it is gone), so a second JobCage (another state dir, a test run) is never
     # reaped from here.
-    leased_netns = {make_netns_name(job) for job in held.values()}
+    # The node's links and rules are shared by every state dir too, and the same holds
+    # for them: a cage's veth and chains (or counters) are made after its lease is
+    # taken and removed before it is released.
+    leased_netns = {make_netns_name(job): job for job in held.values()}
+    leased_veths = {veth_names(job)[0] for job in held.values()}
+    leased_hashes = {_cage_hash(veth) for veth in leased_veths}
     orphans = [
-        Orphan("netns", n)
+        Orphan("netns", n, cage=_cage_hash(veth_names(leased_netns[n])[0]))
         for n in netns.cage_netns_names()
         if n not in known_netns and n in leased_netns
     ]
-    orphans += [Orphan("veth", n) for n in netns.cage_veths() if n not in known_veths]
+    orphans += [
+        Orphan("veth", n, cage=_cage_hash(n))
+        for n in netns.cage_veths()
+        if n not in known_veths and n in leased_veths
+    ]
     for firewall in all_firewalls():
         chains = firewall.our_chains()
         cage_chains = [
@@ -415,9 +437,10 @@ def find_orphans(config: Config) -> list[Orphan]:
         ]
         # A cage's chains (x_tables) or counters (nftables) are named JC-<hash>-...
         orphans += [
-            Orphan("chain", c, t)
+            Orphan("chain", c, t, cage=h)
             for t, c in cage_chains
-            if c[len(CAGE_CHAIN_PREFIX) :].split("-", 1)[0] not in known_hashes
+            if (h := c[len(CAGE_CHAIN_PREFIX) :].split("-", 1)[0]) not in known_hashes
+            and h in leased_hashes
         ]
         # nftables: a campus list that no cage uses any more.
         orphans += [
@@ -434,7 +457,9 @@ def find_orphans(config: Config) -> list[Orphan]:
                     if c.startswith(SHARED_PREFIX) and not c.startswith(CAMPUS_PREFIX)
                 ]
     orphans += [
-        Orphan("lease", str(i)) for i, job in sorted(held.items()) if job not in known_jobs
+        Orphan("lease", str(i), cage=_cage_hash(veth_names(job)[0]))
+        for i, job in sorted(held.items())
+        if job not in known_jobs
     ]
     return orphans
 

@@ -239,8 +239,9 @@ def create(plan: NetnsPlan) -> None:
                         if not _wait_link_gone(node, plan.host_veth):
                             raise CageExistsError(
                                 f"a link named {plan.host_veth} already exists on the node: "
-                                "a cage of this job is running, or a leftover; run "
-                                f"`jobcage reap` (or `ip link del {plan.host_veth}`)"
+                                "a cage of this job is running (perhaps from another "
+                                "state dir), or a leftover; run `jobcage reap` (or, if no "
+                                f"such job runs on the node, `ip link del {plan.host_veth}`)"
                             )
                         answers = cage.talk(requests)
                     rtnl.raise_first_error(requests, answers)
