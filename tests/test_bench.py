@@ -85,5 +85,7 @@ def check_network(net: dict) -> None:
     assert net["lifecycle"]["after_idle"]["floor"]["median_ms"] > 0
     for n in net["scale"]["sizes"]:
         assert net["scale"][str(n)]["usage_one"]["p95_ms"] > 0
-    assert net["datapath"]["0"]["iperf_gbps_node"] > 0
+    for who in ("node", "plain", "cage"):
+        assert net["datapath"]["0"][f"iperf_gbps_{who}"] > 0
+    assert net["datapath"]["0"]["http_cage_vs_plain"] > 0
     assert {row["class"] for row in net["accuracy"]} == {"lan_rx", "lan_tx", "wan_rx", "wan_tx"}

@@ -47,18 +47,20 @@ def network_markdown(net: dict) -> list[str]:
     lines += [
         "#### Datapath: job -> internet host through a cage vs from the node itself",
         "",
-        "Medians of each; cage / node is the median of back-to-back pairs' ratios.",
+        "Medians of each; a ratio is the median of back-to-back rounds' ratios. *plain*:",
+        "the cage's path (netns, veth, forwarding, one masquerade rule) without JobCage.",
         "",
-        "| other cages | iperf3 node Gbit/s | iperf3 cage Gbit/s | cage / node "
-        "| HTTP req/s node | HTTP req/s cage | cage / node |",
-        "|---|---|---|---|---|---|---|",
+        "| other cages | tool | node | plain | cage | cage / node | plain / node | cage / plain |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n, d in net["datapath"].items():
-        lines.append(
-            f"| {n} | {d['iperf_gbps_node']} | {d['iperf_gbps_cage']} | "
-            f"{d['iperf_cage_vs_node']} | {d['http_rps_node']} | {d['http_rps_cage']} | "
-            f"{d['http_cage_vs_node']} |"
-        )
+        for tool, unit in (("iperf", "gbps"), ("http", "rps")):
+            name = "iperf3 Gbit/s" if tool == "iperf" else "HTTP req/s"
+            lines.append(
+                f"| {n} | {name} | {d[f'{tool}_{unit}_node']} | {d[f'{tool}_{unit}_plain']} "
+                f"| {d[f'{tool}_{unit}_cage']} | {d[f'{tool}_cage_vs_node']} "
+                f"| {d[f'{tool}_plain_vs_node']} | {d[f'{tool}_cage_vs_plain']} |"
+            )
     lines += [
         "",
         "#### Accuracy: counted bytes vs payload, per class",
