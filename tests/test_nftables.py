@@ -181,6 +181,41 @@ def test_a_table_deleted_by_hand_is_reported_and_teardown_still_finishes(node, n
     # The node fixture checks that the netns, veth and rules are gone all the same.
 
 
+def test_a_hand_edited_table_goes_with_the_last_cage_unless_a_cage_arrives(
+    node, nft_config, job_id, monkeypatch
+):
+    """With a shared chain deleted by hand, the last cage removes what is left of the
+    shared part in one transaction: a cage that arrives between the last cage's look
+    at the table and that removal keeps every rule it needs."""
+    first = NetworkCage.create(job_id + "a", nft_config)
+    nft(node, "flush", "chain", "ip", "jobcage", "JOBCAGE-OUTPUT")
+    nft(node, "delete", "chain", "ip", "jobcage", "JOBCAGE-OUTPUT")
+    arrived: list[NetworkCage] = []
+    real_dump_chains = nfnl.dump_chains
+
+    def dump_chains(table: str) -> list[str]:
+        chains = real_dump_chains(table)
+        if not arrived:  # the fallback's look at the table: a cage arrives now
+            arrived.append(NetworkCage.create(job_id + "b", nft_config))
+        return chains
+
+    monkeypatch.setattr(nfnl, "dump_chains", dump_chains)
+    try:
+        first.destroy()
+        monkeypatch.undo()
+        [second] = arrived
+        port = str(SERVER_PORT)
+        assert run_in_cage(second.netns_path, "get", CAMPUS_HOST, port, "1000") == "1000"
+        assert second.counters().net_lan_rx_bytes >= 1000
+        assert "JOBCAGE-FORWARD" in nft(node, "list", "chains", "ip")
+    finally:
+        monkeypatch.undo()
+        for cage in arrived:
+            cage.destroy()
+    # The last cage took the rest of the hand-edited table with it.
+    assert "jobcage" not in nft(node, "list", "tables")
+
+
 def test_counters_of_many_cages_come_from_one_dump(node, nft_config, job_id):
     cages = [NetworkCage.create(job_id + k, nft_config) for k in "abc"]
     try:

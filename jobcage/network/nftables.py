@@ -60,7 +60,7 @@ import functools
 import hashlib
 import ipaddress
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 
 from ..errors import CageExistsError, KernelFeatureError, NetworkError
 from ..ids import VETH_PREFIX
@@ -390,18 +390,38 @@ def cage_removal(cage: CagePlan) -> list[Message]:
     return msgs
 
 
-def shared_removal(campus_lists: Sequence[str] = ()) -> list[Message]:
+def shared_removal(
+    campus_lists: Sequence[str] = (), present: Container[tuple[str, str]] | None = None
+) -> list[Message]:
     """Deletes the shared part, and fails with EBUSY (changing nothing) while a cage's
     counter or element is in the table. ``campus_lists`` (network set names) go with
-    it: their networks are the lists' data, not a cage's; their cage sets must be empty."""
-    msgs = [nfnl.del_chain(TABLE, name) for name in BASE_CHAINS + POLICY_AND_CAMPUS_CHAINS]
-    msgs += [nfnl.del_set(TABLE, name, only_if_empty=True) for name in CAGE_SETS]
+    it: their networks are the lists' data, not a cage's; their cage sets must be empty.
+
+    ``present``: ("chain" | "set" | "counter", name) of what a dump found, for a table
+    edited by hand: only those are deleted, and the table is left to the caller."""
+
+    def there(kind: str, name: str) -> bool:
+        return present is None or (kind, name) in present
+
+    msgs = [
+        nfnl.del_chain(TABLE, name)
+        for name in BASE_CHAINS + POLICY_AND_CAMPUS_CHAINS
+        if there("chain", name)
+    ]
+    msgs += [
+        nfnl.del_set(TABLE, name, only_if_empty=True) for name in CAGE_SETS if there("set", name)
+    ]
     for nets in campus_lists:
-        msgs.append(nfnl.del_set(TABLE, nets + CAGES_SUFFIX, only_if_empty=True))
-        msgs.append(nfnl.del_set(TABLE, nets, only_if_empty=False))
-        msgs.append(nfnl.del_counter(TABLE, nets))
-    msgs.append(nfnl.del_counter(TABLE, CAGES))
-    msgs.append(nfnl.del_table(TABLE, only_if_empty=True))
+        if there("set", nets + CAGES_SUFFIX):
+            msgs.append(nfnl.del_set(TABLE, nets + CAGES_SUFFIX, only_if_empty=True))
+        if there("set", nets):
+            msgs.append(nfnl.del_set(TABLE, nets, only_if_empty=False))
+        if there("counter", nets):
+            msgs.append(nfnl.del_counter(TABLE, nets))
+    if there("counter", CAGES):
+        msgs.append(nfnl.del_counter(TABLE, CAGES))
+    if present is None:
+        msgs.append(nfnl.del_table(TABLE, only_if_empty=True))
     return msgs
 
 
@@ -536,9 +556,12 @@ class NftablesFirewall(Firewall):
             if e.errno != errno.ENOENT:
                 raise _translate(e, what) from e
         # Something shared is missing: the table is gone, or was edited by hand. Remove
-        # what is left only if no cage's counter is there.
+        # what is left only if no cage's counter is there, in one transaction that a
+        # cage arriving meanwhile makes the kernel refuse (its elements are in sets
+        # deleted only if empty), then the table if nothing else is in it.
         try:
-            if any(n.startswith(CAGE_CHAIN_PREFIX) for n in nfnl.dump_counters(TABLE)):
+            counters = nfnl.dump_counters(TABLE)
+            if any(n.startswith(CAGE_CHAIN_PREFIX) for n in counters):
                 return False
             chains = nfnl.dump_chains(TABLE)
             if not chains:
@@ -546,10 +569,20 @@ class NftablesFirewall(Firewall):
                 # it) or empty. A table there now may be a new first cage's (it makes
                 # the table and its chains in one transaction): nothing more is ours.
                 return True
-            lists = self._campus_lists()
+            sets = nfnl.dump_sets(TABLE)
         except nfnl.NfnlError as e:
             raise _translate(e, what) from e
-        self._remove_each(shared_removal(lists)[:-1], what)
+        present = {("chain", n) for n in chains} | {("set", n) for n in sets}
+        present |= {("counter", n) for n in counters}
+        ours = shared_removal(self._campus_lists(sets), present)
+        try:
+            nfnl.transact(ours)
+        except nfnl.NfnlError as e:
+            if e.errno == errno.EBUSY:
+                return False  # a cage arrived
+            if e.errno != errno.ENOENT:
+                raise _translate(e, what) from e
+            self._remove_each(ours, what)  # changed meanwhile (another remover?)
         try:
             nfnl.transact([nfnl.del_table(TABLE, only_if_empty=True)])
         except nfnl.NfnlError as e:
@@ -560,11 +593,11 @@ class NftablesFirewall(Firewall):
         return True
 
     @staticmethod
-    def _campus_lists() -> list[str]:
-        """The network set of every campus list in the table."""
+    def _campus_lists(sets: Sequence[str] | None = None) -> list[str]:
+        """The network set of every campus list in the table (``sets``: a dump's)."""
         return [
             n
-            for n in nfnl.dump_sets(TABLE)
+            for n in (nfnl.dump_sets(TABLE) if sets is None else sets)
             if n.startswith(CAMPUS_PREFIX) and not n.endswith(CAGES_SUFFIX)
         ]
 
