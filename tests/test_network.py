@@ -268,6 +268,22 @@ def test_job_sees_only_lo_and_eth0(make_cage):
     assert forwarding_enabled()
 
 
+def test_no_ipv6_leaves_the_cage(make_cage):
+    """The rules are IPv4 only: eth0 makes no link-local address, and the node drops
+    every IPv6 packet of the cage's veth."""
+    cage = make_cage()
+    assert forwarding_enabled() is True  # read over rtnetlink, as /proc/sys says
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        assert f.read().strip() == "1"
+    with open(f"/proc/sys/net/ipv6/conf/{cage.host_veth}/disable_ipv6") as f:
+        assert f.read().strip() == "1"
+    # The link-local address would be there (tentative) as soon as eth0 had carrier.
+    argv = ["nsenter", f"--net={cage.netns_path}", "ip", "-6", "-o", "addr", "show", "dev", "eth0"]
+    assert subprocess.run(argv, capture_output=True, text=True, check=True).stdout == ""
+    argv = ["nsenter", f"--net={cage.netns_path}", "ip", "-d", "link", "show", "dev", "eth0"]
+    assert "addrgenmode none" in subprocess.run(argv, capture_output=True, text=True).stdout
+
+
 def test_cage_cannot_reach_another_cage(make_cage, networld):
     a, b = make_cage("a"), make_cage("b")
     listener = networld.popen_in(

@@ -384,6 +384,27 @@ def test_cage_side_is_what_pyroute2_sent():
     assert got == PYROUTE2_CAGE_SIDE
 
 
+def test_ipv6_off_and_forwarding_requests_encode_and_parse():
+    """The first is byte for byte what `ip link set eth0 addrgenmode none` sends after
+    the header (strace, iproute2 6.1); the second asks RTM_GETNETCONF for IPv4, all
+    interfaces (netconfmsg padded to 4, NETCONFA_IFINDEX -1); a reply's forwarding is
+    read back."""
+    link, netconf = (
+        message[16:].hex()
+        for _, _, _, message in rtnl.messages(
+            rtnl.encode([rtnl.no_ipv6_link_local(2, ""), rtnl.get_forwarding()], 1)
+        )
+    )
+    assert link == "0000000002000000000000000000000010001a000c000a000500080001000000"
+    assert netconf == "0200000008000100ffffffff"
+    for value, expected in ((1, True), (0, False)):
+        reply = rtnl.attr(rtnl.NETCONFA_IFINDEX, struct.pack("=i", -1))
+        reply += rtnl.attr(rtnl.NETCONFA_FORWARDING, struct.pack("=i", value))
+        message = _kernel_message(81, 1, struct.pack("=Bxxx", 2) + reply)
+        assert rtnl.netconf_forwarding(message) is expected
+    assert rtnl.netconf_forwarding(_kernel_message(81, 1, b"\2\0\0\0")) is None
+
+
 def test_encoded_veth_parses_back():
     request = rtnl.new_veth("eth0", 2, "jc0123456789abh", 9, up=False, what="")
     ((_, _, _, message),) = rtnl.messages(rtnl.encode([request], 1))

@@ -173,6 +173,12 @@ def _cage_requests(plan: NetnsPlan, node_fd: int) -> list[rtnl.Request]:
             up=True,
             what=f"creating the veth pair {JOB_IFNAME}/{plan.host_veth}",
         ),
+        # Before its peer is up (no carrier yet), so eth0 never gets the IPv6 link-local
+        # address it would make then. The node side drops all IPv6 of the cage anyway
+        # (disable_ipv6 on the peer); this keeps eth0 quiet (no DAD, no solicitations).
+        rtnl.no_ipv6_link_local(
+            JOB_IFINDEX, f"turning IPv6 address generation off on {JOB_IFNAME}"
+        ),
         rtnl.set_up(LOOPBACK_IFINDEX, "bringing lo up in the cage"),
         rtnl.new_address(JOB_IFINDEX, plan.job_address, f"adding {plan.job_address} to eth0"),
         rtnl.new_default_route(gateway, f"adding the cage's default route via {gateway}"),
@@ -223,11 +229,6 @@ def create(plan: NetnsPlan) -> None:
                     ),
                     f"bind-mounting the netns on {path}",
                 )
-                # No IPv6 in the cage: the rules are IPv4 only, and a link-local address
-                # would reach the node around them. Set before eth0 exists so it is
-                # born without one.
-                for knob in ("all", "default"):
-                    _write_sysctl(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6", "1")
                 requests = _cage_requests(plan, node_fd)
                 with rtnl.Socket() as cage:
                     answers = cage.talk(requests)
@@ -244,6 +245,8 @@ def create(plan: NetnsPlan) -> None:
                                 f"such job runs on the node, `ip link del {plan.host_veth}`)"
                             )
                         answers = cage.talk(requests)
+                    if answers[1].error == errno.EAFNOSUPPORT:
+                        answers[1] = rtnl.Answer()  # a kernel without IPv6: nothing to turn off
                     rtnl.raise_first_error(requests, answers)
                 peer.append(_peer_index(answers[-1]))
             finally:
@@ -264,6 +267,9 @@ def create(plan: NetnsPlan) -> None:
             index = peer[0] or _link_index(node, plan.host_veth)
             if index is None:
                 raise NetworkError(f"{plan.host_veth} vanished right after it was created")
+            # No IPv6 from the cage: the rules are IPv4 only, and IPv6 would reach the
+            # node (and beyond, if it forwards IPv6) around them. rtnetlink cannot set
+            # this one; it is the cage's only /proc/sys/net lookup (O(N): see rtnl).
             _write_sysctl(f"/proc/sys/net/ipv6/conf/{plan.host_veth}/disable_ipv6", "1")
             node.check(
                 [
@@ -323,7 +329,16 @@ def delete_link(ifname: str) -> None:
 
 
 def forwarding_enabled() -> bool:
-    """Whether the calling thread's netns forwards IPv4 (cages need it)."""
+    """Whether the calling thread's netns forwards IPv4 (cages need it). Asked over
+    rtnetlink: a /proc/sys/net lookup walks every netns's ``net`` entry."""
+    try:
+        with rtnl.Socket() as nl:
+            (answer,) = nl.check([rtnl.get_forwarding()])
+        forwarding = rtnl.netconf_forwarding(answer.replies[0]) if answer.replies else None
+    except (rtnl.NetlinkError, OSError):
+        forwarding = None
+    if forwarding is not None:
+        return forwarding
     with open(IP_FORWARD) as f:
         return f.read().strip() == "1"
 

@@ -80,6 +80,13 @@ IFLA_INFO_DATA = 2
 VETH_INFO_PEER = 1
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
+IFLA_AF_SPEC = 26
+IFLA_INET6_ADDR_GEN_MODE = 8
+IN6_ADDR_GEN_MODE_NONE = 1
+RTM_GETNETCONF = 82
+NETCONFA_IFINDEX = 1
+NETCONFA_FORWARDING = 2
+NETCONFA_IFINDEX_ALL = -1
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
@@ -204,6 +211,23 @@ def new_default_route(gateway: ipaddress.IPv4Address, what: str) -> Request:
     return Request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body, what)
 
 
+def no_ipv6_link_local(index: int, what: str) -> Request:
+    """The link makes no IPv6 link-local address (``addrgenmode none``): the one
+    IPv6 setting rtnetlink takes, where a /proc/sys/net write costs a path walk over
+    every netns's ``net`` entry (O(N) with N cages)."""
+    inet6 = attr(IFLA_INET6_ADDR_GEN_MODE, bytes([IN6_ADDR_GEN_MODE_NONE]))
+    body = ifinfomsg(index) + attr(IFLA_AF_SPEC, attr(socket.AF_INET6, inet6))
+    return Request(RTM_NEWLINK, 0, body, what)
+
+
+def get_forwarding(what: str = "reading net.ipv4.ip_forward") -> Request:
+    """RTM_GETNETCONF of IPv4 for every interface: its NETCONFA_FORWARDING is
+    net.ipv4.ip_forward (read so, not from /proc/sys/net: see no_ipv6_link_local)."""
+    body = struct.pack("=Bxxx", socket.AF_INET)  # netconfmsg, padded to 4
+    body += attr(NETCONFA_IFINDEX, struct.pack("=i", NETCONFA_IFINDEX_ALL))
+    return Request(RTM_GETNETCONF, 0, body, what)
+
+
 def get_link(*, index: int = 0, name: str | None = None, what: str = "") -> Request:
     """RTM_GETLINK of one link, by index or by name: one answer, where a dump would
     list every link of the netns (hundreds with hundreds of cages)."""
@@ -286,6 +310,12 @@ def collect(data: bytes, answers: dict[int, Answer], done: set[int]) -> None:
         else:
             answer.replies.append(message)
             answer.interrupted |= bool(flags & NLM_F_DUMP_INTR)
+
+
+def netconf_forwarding(message: bytes) -> bool | None:
+    """NETCONFA_FORWARDING of an RTM_NEWNETCONF reply; None if it does not say."""
+    value = attrs(message, _HEADER.size + 4).get(NETCONFA_FORWARDING)
+    return struct.unpack("=i", value[:4])[0] != 0 if value else None
 
 
 def ifinfo_index(message: bytes) -> int:
