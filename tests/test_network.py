@@ -473,22 +473,24 @@ def test_find_orphans_lists_what_has_no_record(node, net_config, job_id):
 def test_find_orphans_leaves_another_state_dirs_cages_alone(node, net_config, job_id, tmp_path):
     """Two state dirs on one node (two installations, or a test run beside production)
     share its links and rules: a live cage of the other is no orphan of this one."""
-    mine_ = NetworkCage.create(f"{job_id}a", net_config)
     other_config = net_config.replace(
         state_dir=str(tmp_path / "other"), address_pool="100.64.128.0/17"
     )
-    other = NetworkCage.create(f"{job_id}b", other_config)
+    mine_ = NetworkCage.create(f"{job_id}a", net_config)
     try:
-        names = {o.name for o in find_orphans(net_config)}
-        assert mine_.host_veth in names  # this state dir has no record of it
-        assert other.host_veth not in names
-        assert not [n for n in names if n.startswith(f"JC-{other.plan.cage_hash}-")]
-        # And from the other side.
-        names = {o.name for o in find_orphans(other_config)}
-        assert other.host_veth in names and mine_.host_veth not in names
-        assert not [n for n in names if n.startswith(f"JC-{mine_.plan.cage_hash}-")]
+        other = NetworkCage.create(f"{job_id}b", other_config)
+        try:
+            names = {o.name for o in find_orphans(net_config)}
+            assert mine_.host_veth in names  # this state dir has no record of it
+            assert other.host_veth not in names
+            assert not [n for n in names if n.startswith(f"JC-{other.plan.cage_hash}-")]
+            # And from the other side.
+            names = {o.name for o in find_orphans(other_config)}
+            assert other.host_veth in names and mine_.host_veth not in names
+            assert not [n for n in names if n.startswith(f"JC-{mine_.plan.cage_hash}-")]
+        finally:
+            other.destroy()
     finally:
-        other.destroy()
         mine_.destroy()
 
 

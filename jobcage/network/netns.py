@@ -159,6 +159,9 @@ def _wait_link_gone(nl: rtnl.Socket, ifname: str, timeout: float | None = None) 
     return True
 
 
+_IPV6_OFF = 1  # the place of no_ipv6_link_local in _cage_requests
+
+
 def _cage_requests(plan: NetnsPlan, node_fd: int) -> list[rtnl.Request]:
     """The cage's side in one write. A new netns numbers its devices itself (lo is
     LOOPBACK_IFINDEX, 1), so eth0 asks for index 2 and every later message can name it;
@@ -245,8 +248,9 @@ def create(plan: NetnsPlan) -> None:
                                 f"such job runs on the node, `ip link del {plan.host_veth}`)"
                             )
                         answers = cage.talk(requests)
-                    if answers[1].error == errno.EAFNOSUPPORT:
-                        answers[1] = rtnl.Answer()  # a kernel without IPv6: nothing to turn off
+                    if answers[_IPV6_OFF].error == errno.EAFNOSUPPORT:
+                        # A kernel without IPv6: nothing to turn off.
+                        answers[_IPV6_OFF] = rtnl.Answer()
                     rtnl.raise_first_error(requests, answers)
                 peer.append(_peer_index(answers[-1]))
             finally:
