@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,25 +236,21 @@ class NetworkCage:
                     errors.append(e)
         left: list[bool] = []
 
-        def drop_rules() -> None:
-            if remove_rules:
+        def keeping_lease(step: Callable[[], object]) -> Callable[[], None]:
+            """``step``, noting in ``left`` that it failed (its object may be there)."""
+
+            def run() -> None:
                 try:
-                    firewall.remove(self.plan)
+                    step()
                 except BaseException:
                     left.append(True)
                     raise
 
-        def drop_netns() -> None:
-            if remove_netns:
-                try:
-                    netns.remove(self.netns_name)
-                except BaseException:
-                    left.append(True)
-                    raise
+            return run
 
         steps = [
-            drop_rules,
-            drop_netns,
+            keeping_lease(lambda: firewall.remove(self.plan) if remove_rules else None),
+            keeping_lease(lambda: netns.remove(self.netns_name) if remove_netns else None),
             # Kept while the netns or the rules linger: the netns' eth0 still holds the
             # address, and the lease is what lets `jobcage reap` find them as this state
             # dir's orphans.
