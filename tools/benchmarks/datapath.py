@@ -124,7 +124,8 @@ def throughput(node: Node, paths: dict[str, str], seconds: int, reps: int, reque
     r: list[dict[str, float]] = []
     for _ in range(reps):
         shuffle(order)
-        g.append({}), r.append({})
+        g.append({})
+        r.append({})
         for who in order:
             g[-1][who] = iperf(paths[who], host, seconds, omit=1 if seconds > 1 else 0)["gbps"]
             r[-1][who] = http(paths[who], host, requests, 100)["rps"]
