@@ -71,9 +71,9 @@ def test_the_table_reads_back_as_the_layout(node, nft_config, job_id):
                 f"iifname @{cages} ip daddr @{nets} {count.format('iif', 'LAN-TX')} accept"
             ],
             "JOBCAGE-FWD-RX": [
-                "ct state established,related jump JOBCAGE-FWD-RX-CAMPUS",
-                f"ct state established,related {count.format('oif', 'WAN-RX')} accept",
-                f"{count.format('oif', 'REFUSED-RX')} drop",
+                f"ct state ! established,related {count.format('oif', 'REFUSED-RX')} drop",
+                "jump JOBCAGE-FWD-RX-CAMPUS",
+                f"{count.format('oif', 'WAN-RX')} accept",
                 "drop",
             ],
             "JOBCAGE-NODE-TX": [

@@ -204,12 +204,13 @@ def campus_list_messages(networks: tuple[str, ...]) -> tuple[Message, ...]:
     return tuple(msgs)
 
 
-def _ct_established() -> list[bytes]:
+def _ct_established(established: bool = True) -> list[bytes]:
+    """ct state established,related (or, with False, neither)."""
     bits = nfnl.CT_STATE_ESTABLISHED | nfnl.CT_STATE_RELATED
     return [
         nfnl.ct_state_load(),
         nfnl.bitwise_mask(4, struct.pack("=I", bits)),
-        nfnl.cmp(nfnl.CMP_NEQ, b"\0\0\0\0"),
+        nfnl.cmp(nfnl.CMP_NEQ if established else nfnl.CMP_EQ, b"\0\0\0\0"),
     ]
 
 
@@ -271,11 +272,12 @@ def policy_rules(pool: str) -> dict[str, list[list[bytes]]]:
             [*_count(iif, WAN_TX), ACCEPT],
             [DROP],
         ],
-        # Inbound: only replies to what the job opened (already de-NATed here).
+        # Inbound: only replies to what the job opened (already de-NATed here). The
+        # rest is refused first, so a reply (most packets) tests its state once.
         FWD_RX_CHAIN: [
-            [*_ct_established(), nfnl.immediate_verdict(nfnl.NFT_JUMP, CAMPUS_RX_CHAIN)],
-            [*_ct_established(), *_count(oif, WAN_RX), ACCEPT],
-            [*_count(oif, REFUSED_RX), DROP],
+            [*_ct_established(False), *_count(oif, REFUSED_RX), DROP],
+            [nfnl.immediate_verdict(nfnl.NFT_JUMP, CAMPUS_RX_CHAIN)],
+            [*_count(oif, WAN_RX), ACCEPT],
             [DROP],
         ],
         # Job <-> node never passes FORWARD; it is LAN by definition.
