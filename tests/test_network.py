@@ -35,6 +35,7 @@ from jobcage.network import (
     find_orphans,
     forwarding_enabled,
     read_counters,
+    rtnl,
 )
 from jobcage.network import firewall as firewall_mod
 from jobcage.network import netns as netns_mod
@@ -272,7 +273,10 @@ def test_no_ipv6_leaves_the_cage(make_cage):
     """The rules are IPv4 only: eth0 makes no link-local address, and the node drops
     every IPv6 packet of the cage's veth."""
     cage = make_cage()
-    assert forwarding_enabled() is True  # read over rtnetlink, as /proc/sys says
+    assert forwarding_enabled() is True
+    with rtnl.Socket() as nl:  # the kernel answers the netconf request (no fallback)
+        (answer,) = nl.check([rtnl.get_forwarding()])
+    assert rtnl.netconf_forwarding(answer.replies[0]) is True
     with open("/proc/sys/net/ipv4/ip_forward") as f:
         assert f.read().strip() == "1"
     with open(f"/proc/sys/net/ipv6/conf/{cage.host_veth}/disable_ipv6") as f:
