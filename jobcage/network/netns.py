@@ -444,6 +444,31 @@ def routes_overlapping(pool: str) -> list[str]:
     return found
 
 
+def address_held(job_address: ipaddress.IPv4Interface) -> bool:
+    """Whether a route of the node still covers the subnet of ``job_address`` alone
+    (or a part of it). A veth whose netns outlived its cage (a process stuck in D
+    state, or one that left the cage's cgroup, keeps the netns) keeps its address and
+    connected route: a new cage given that subnet would get none of its traffic, so
+    the subnet is not free. One RTM_GETROUTE, answered with the route that matched."""
+    request = rtnl.get_route_match(
+        job_address.ip, f"looking up the route to {job_address.ip} on the node"
+    )
+    try:
+        with rtnl.Socket() as nl:
+            (answer,) = nl.talk([request])
+    except OSError as e:
+        raise _netlink_error(e, None) from e
+    if answer.error in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENOENT):
+        return False  # no route at all: nothing holds it
+    try:
+        rtnl.raise_first_error([request], [answer])
+    except rtnl.NetlinkError as e:
+        raise _netlink_error(e, None) from e
+    return any(
+        rtnl.route_fields(reply)[0] >= job_address.network.prefixlen for reply in answer.replies
+    )
+
+
 def is_cage_veth(ifname: str) -> bool:
     """Node-side cage veths are "jc" + 12 hex digits + "h" (see jobcage.ids)."""
     body = ifname[len(VETH_PREFIX) : -1]
