@@ -1,6 +1,6 @@
 """The simulated node the network benchmarks run in, built and removed by the bench.
 
-Reuses the tests' world (tests/networld.py: node, router, campus and internet hosts in
+Reuses the tests' world (jobcage/testing/networld.py: node, router, campus and internet hosts in
 namespaces with a per-run suffix), so nothing here ever changes the machine's own
 network: every change runs in a thread that setns()ed into the node, and
 jobcage.network's guard refuses any change made from the namespace we started in.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,10 +18,8 @@ from dataclasses import dataclass
 from jobcage.config import Config
 from jobcage.network import hooks, netns
 from jobcage.network.netns import NETNS_RUN_DIR
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests import networld
-from tests.networld import NetWorld
+from jobcage.testing import networld
+from jobcage.testing.networld import NetWorld
 
 
 @dataclass
