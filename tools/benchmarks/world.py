@@ -9,6 +9,7 @@ jobcage.network's guard refuses any change made from the namespace we started in
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -20,6 +21,11 @@ from jobcage.network import hooks, netns
 from jobcage.network.netns import NETNS_RUN_DIR
 from jobcage.testing import networld
 from jobcage.testing.networld import NetWorld
+
+# In every name this process makes (worlds, cages, floor namespaces), so that a check
+# for leftovers finds ours and not those of a test suite running beside the bench.
+RUN_SUFFIX = networld.unique_suffix()
+_worlds = itertools.count()
 
 
 @dataclass
@@ -40,7 +46,7 @@ def node(firewall: str = "auto") -> Iterator[Node]:
     even on failure: cages' and floor namespaces with our tag, the world, the state."""
     hooks.before_change = networld.guard
     state = tempfile.mkdtemp(prefix="jobcage-bench-")
-    suffix = networld.unique_suffix()
+    suffix = f"{RUN_SUFFIX}{next(_worlds)}"
     config = Config(
         state_dir=state,
         campus_networks=(networld.CAMPUS_NETWORK,),
@@ -48,7 +54,7 @@ def node(firewall: str = "auto") -> Iterator[Node]:
         cgroup_parent=f"/jobcage-bench-{suffix}",
         firewall=firewall,
     )
-    world = NetWorld().build()
+    world = NetWorld(suffix=suffix).build()
     tag = f"b{suffix}"
     try:
         with world.node_thread():
