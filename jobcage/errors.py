@@ -15,7 +15,9 @@ are translated at the backend edge with ``raise ... from`` so the cause stays vi
     ├── AddressPoolExhaustedError  every address of the pool is taken
     ├── SpawnError             the job could not be started (bad user, missing binary)
     ├── NetworkError           building or removing the network side failed
-    └── TeardownError          teardown finished with errors; lists each
+    ├── TeardownError          teardown finished with errors; lists each
+    ├── MissingExtraError      an optional dependency (a pip extra) is not installed
+    └── ClassAdError           a ClassAd that does not parse or evaluate
 """
 
 from __future__ import annotations
@@ -72,3 +74,11 @@ class TeardownError(JobCageError):
         details = "; ".join(f"{type(e).__name__}: {e}" for e in errors)
         super().__init__(f"{message}: {details}" if details else message)
         self.errors = errors
+
+
+class MissingExtraError(JobCageError, ImportError):
+    """An optional dependency is missing; the text names the pip extra to install."""
+
+
+class ClassAdError(JobCageError, ValueError):
+    pass

@@ -1,4 +1,4 @@
-"""Real traffic through network cages, inside the simulated world (tests/networld.py).
+"""Real traffic through network cages, inside the simulated world (jobcage/testing/networld.py).
 
 Every test runs with its thread inside the simulated node (the ``node`` fixture), which
 afterwards proves the node's iptables and links are as they were.
@@ -40,10 +40,8 @@ from jobcage.network import (
 from jobcage.network import firewall as firewall_mod
 from jobcage.network import netns as netns_mod
 from jobcage.network.nftables import NftablesFirewall
-
-from . import networld as world_mod
-from .conftest_network import run_in_cage, run_in_cage_lines
-from .networld import (
+from jobcage.testing import networld as world_mod
+from jobcage.testing.networld import (
     CAMPUS_HOST,
     INTERNET_HOST,
     NODE_SERVER_PORT,
@@ -51,6 +49,8 @@ from .networld import (
     SERVER_PORT,
     wait_until,
 )
+
+from .conftest_network import run_in_cage, run_in_cage_lines
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 

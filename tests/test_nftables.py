@@ -19,10 +19,10 @@ from jobcage.network.nftables import (
     campus_sets,
     shared_removal,
 )
+from jobcage.testing import networld as world_mod
+from jobcage.testing.networld import CAMPUS_HOST, SERVER_PORT
 
-from . import networld as world_mod
 from .conftest_network import run_in_cage
-from .networld import CAMPUS_HOST, SERVER_PORT
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 

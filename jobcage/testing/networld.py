@@ -1,5 +1,6 @@
-"""The simulated world the network tests run in; the machine's own network is never
-touched (DESIGN.md, "Testing on a shared machine").
+"""The simulated world the network tests, tools/demo.py and tools/benchmarks run in:
+the machine's own network is never touched, as the project's testing rules require on
+a shared machine.
 
 Four network namespaces, every name carrying a per-run suffix::
 
