@@ -25,10 +25,10 @@ from jobcage.cgroups.v2 import V2Cgroup
 from jobcage.errors import TeardownError
 from jobcage.network import NetworkCage
 from jobcage.reap import reap
+from jobcage.testing import networld as world_mod
+from jobcage.testing.networld import CAMPUS_HOST, SERVER_PORT, wait_until
 
-from . import networld as world_mod
 from .conftest_network import run_in_cage
-from .networld import CAMPUS_HOST, SERVER_PORT, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
@@ -48,6 +48,16 @@ def _state(pid: int) -> str:
 def _leases(config) -> list[str]:
     leases = os.path.join(config.state_dir, "network", "leases")
     return sorted(os.listdir(leases)) if os.path.isdir(leases) else []
+
+
+def _assert_next_cage_gets_another_subnet(job_id: str, config, held) -> None:
+    """A new cage gets a subnet nothing holds, and so its traffic."""
+    cage = NetworkCage.create(job_id, config)
+    try:
+        assert cage.address != held
+        assert run_in_cage(cage.netns_path, "get", CAMPUS_HOST, PORT, "1000") == "1000"
+    finally:
+        cage.destroy()
 
 
 @pytest.fixture
@@ -99,12 +109,7 @@ def test_a_job_in_d_state_keeps_its_address_until_reaped(
         # The survivor's netns, veth and address are all still there, and so its lease.
         assert os.path.exists(f"/run/netns/{cage.netns_name}")
         assert len(_leases(config)) == 1
-        other = NetworkCage.create(job_id + "b", config)
-        try:
-            assert other.address != cage.address
-            assert run_in_cage(other.netns_path, "get", CAMPUS_HOST, PORT, "1000") == "1000"
-        finally:
-            other.destroy()
+        _assert_next_cage_gets_another_subnet(job_id + "b", config, cage.address)
     finally:
         subprocess.run(["fsfreeze", "--unfreeze", mnt], check=False)
         if hung is not None:
@@ -132,11 +137,6 @@ def test_a_netns_held_from_outside_keeps_its_subnet_from_new_cages(node, net_con
             "the holder to enter the netns",
         )
         first.destroy()
-        second = NetworkCage.create(job_id + "b", net_config)
-        try:
-            assert second.address != first.address
-            assert run_in_cage(second.netns_path, "get", CAMPUS_HOST, PORT, "1000") == "1000"
-        finally:
-            second.destroy()
+        _assert_next_cage_gets_another_subnet(job_id + "b", net_config, first.address)
     finally:
         holder.communicate(b"\n", timeout=30)
