@@ -99,6 +99,13 @@ def squid_env(squid) -> dict[str, str]:
     return {"OSG_SQUID_LOCATION": f"{NODE_UPLINK}:{PORT}"}
 
 
+def fetch_via(squid, path: str, dest: Path, **options) -> fetch_mod.Fetched:
+    """``path`` of the internet host, squid first, as a job on the node would."""
+    return fetch_mod.fetch(
+        f"{ORIGIN}/{path}", str(dest), environ=squid_env(squid), **FAST, **options
+    )
+
+
 @pytest.mark.root
 @pytest.mark.network
 def test_second_fetch_is_a_cache_hit(squid, tmp_path):
@@ -120,16 +127,10 @@ def test_second_fetch_is_a_cache_hit(squid, tmp_path):
 
 @pytest.mark.root
 @pytest.mark.network
-def test_stopped_squid_falls_back_to_direct(squid, tmp_path, capsys):
+def test_stopped_squid_falls_back_to_direct(squid, tmp_path):
     squid.stop()
     size = MiB
-    got = fetch_mod.fetch(
-        f"{ORIGIN}/bytes/{size}",
-        str(tmp_path / "f"),
-        environ=squid_env(squid),
-        sha256=sha(size),
-        **FAST,
-    )
+    got = fetch_via(squid, f"bytes/{size}", tmp_path / "f", sha256=sha(size))
     assert got.route.name == "direct" and got.size_bytes == size
     assert len(got.failures) == fetch_mod.DEFAULT_ATTEMPTS
     assert all("connection refused" in f for f in got.failures), got.failures
@@ -150,9 +151,7 @@ def test_broken_answers_are_refused_and_leave_nothing(squid, tmp_path, path, sha
     dest = tmp_path / "input.dat"
     dest.write_bytes(b"the previous input")
     with pytest.raises(FetchError) as info:
-        fetch_mod.fetch(
-            f"{ORIGIN}/{path}", str(dest), environ=squid_env(squid), sha256=sha256, **FAST
-        )
+        fetch_via(squid, path, dest, sha256=sha256)
     text = str(info.value)
     assert f"cache {squid.url}" in text and "direct" in text and match in text, text
     assert dest.read_bytes() == b"the previous input"
@@ -163,13 +162,7 @@ def test_broken_answers_are_refused_and_leave_nothing(squid, tmp_path, path, sha
 @pytest.mark.network
 def test_a_body_without_length_passes_with_its_checksum(squid, tmp_path):
     size = MiB
-    got = fetch_mod.fetch(
-        f"{ORIGIN}/nolength/{size}",
-        str(tmp_path / "f"),
-        environ=squid_env(squid),
-        sha256=sha(size),
-        **FAST,
-    )
+    got = fetch_via(squid, f"nolength/{size}", tmp_path / "f", sha256=sha(size))
     assert got.size_bytes == size and got.route.name == "cache"
 
 
