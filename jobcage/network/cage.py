@@ -89,6 +89,7 @@ class NetworkCage:
             pool=self.pool,
             campus_networks=self.campus_networks,
             allow_node_access=self.allow_node_access,
+            state_dir=self.state_dir,
         )
 
     def _firewall(self) -> Firewall:

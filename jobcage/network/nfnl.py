@@ -72,7 +72,8 @@ GETGEN = 16
 NEWOBJ, GETOBJ, DELOBJ = 18, 19, 20
 
 # Attributes (linux/netfilter/nf_tables.h)
-TABLE_NAME, TABLE_FLAGS, TABLE_USE = 1, 2, 3
+TABLE_NAME, TABLE_FLAGS, TABLE_USE, TABLE_USERDATA = 1, 2, 3, 6
+UDATA_TABLE_COMMENT = 0  # libnftnl's NFTNL_UDATA_TABLE_COMMENT: `nft list` shows it
 CHAIN_TABLE, CHAIN_NAME, CHAIN_HOOK, CHAIN_POLICY, CHAIN_TYPE = 1, 3, 4, 5, 7
 HOOK_HOOKNUM, HOOK_PRIORITY = 1, 2
 RULE_TABLE, RULE_CHAIN, RULE_HANDLE, RULE_EXPRESSIONS = 1, 2, 3, 4
@@ -233,12 +234,13 @@ def _nfgen(family: int = NFPROTO_IPV4, res_id: int = 0) -> bytes:
     return struct.pack("=BBH", family, 0, socket.htons(res_id))
 
 
-def new_table(table: str, *, exclusive: bool) -> Message:
+def new_table(table: str, *, exclusive: bool, comment: str = "") -> Message:
+    body = string(TABLE_NAME, table) + be32(TABLE_FLAGS, 0)
+    if comment:
+        text = comment.encode()[:254] + b"\0"
+        body += attr(TABLE_USERDATA, bytes([UDATA_TABLE_COMMENT, len(text)]) + text)
     return Message(
-        NEWTABLE,
-        NLM_F_CREATE | (NLM_F_EXCL if exclusive else 0),
-        string(TABLE_NAME, table) + be32(TABLE_FLAGS, 0),
-        f"table ip {table}",
+        NEWTABLE, NLM_F_CREATE | (NLM_F_EXCL if exclusive else 0), body, f"table ip {table}"
     )
 
 
@@ -808,6 +810,21 @@ def table_use(table: str) -> int | None:
     duration an RCU grace period; a committed one 0.2 ms)."""
     found = _get(GETTABLE, string(TABLE_NAME, table), f"table ip {table}")
     return None if found is None else struct.unpack(">I", found[TABLE_USE])[0]
+
+
+def table_comment(table: str) -> str | None:
+    """The comment of ``table`` ("" if it has none; None: no such table)."""
+    found = _get(GETTABLE, string(TABLE_NAME, table), f"table ip {table}")
+    if found is None:
+        return None
+    data = found.get(TABLE_USERDATA, b"")
+    at = 0
+    while at + 2 <= len(data):
+        kind, length = data[at], data[at + 1]
+        if kind == UDATA_TABLE_COMMENT:
+            return data[at + 2 : at + 2 + length].split(b"\0", 1)[0].decode(errors="replace")
+        at += 2 + length
+    return ""
 
 
 def available() -> bool:

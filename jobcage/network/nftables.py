@@ -62,7 +62,7 @@ import ipaddress
 import struct
 from collections.abc import Callable, Container, Sequence
 
-from ..errors import CageExistsError, KernelFeatureError, NetworkError
+from ..errors import CageExistsError, ConfigError, KernelFeatureError, NetworkError
 from ..ids import VETH_PREFIX
 from . import hooks, nfnl
 from .firewall import Firewall
@@ -82,6 +82,7 @@ from .rules import (
     CagePlan,
     NetCounters,
     counters_by_class,
+    installation_conflict,
 )
 
 TABLE = "jobcage"
@@ -99,6 +100,10 @@ CAGES = "JOBCAGE-CAGES"
 NODE_ACCESS_SET = "JOBCAGE-NODE-ACCESS"  # veths of cages with allow_node_access
 # Per campus list in use: its networks, and the veths of the cages using it.
 CAMPUS_PREFIX, CAGES_SUFFIX = "JOBCAGE-CAMPUS-", "-CAGES"
+# The installation (pool and state dir) the shared part serves: a set named after it,
+# in which each cage's veth is an element. A cage of another installation names a set
+# that is not there, and the kernel refuses its whole transaction.
+OWNER_PREFIX = "JOBCAGE-OWNER-"
 # Counter maps: veth -> the cage's counter of a class (and of what it refused).
 REFUSED_TX, REFUSED_RX = "refused_tx", "refused_rx"
 COUNTER_SUFFIXES = {
@@ -131,6 +136,10 @@ R_AFTER_IFNAME = nfnl.REG32_00 + 4
 SADDR, DADDR = 12, 16  # offsets in the IPv4 header
 IFNAME_FIELD = (nfnl.TYPE_IFNAME, nfnl.IFNAMSIZ)
 IPV4_FIELD = (nfnl.TYPE_IPADDR, 4)
+
+
+def owner_set(owner: str) -> str:
+    return OWNER_PREFIX + hashlib.sha256(owner.encode()).hexdigest()[:16]
 
 
 def counter_names(cage: CagePlan) -> dict[str, str]:
@@ -301,15 +310,21 @@ def policy_rules(pool: str) -> dict[str, list[list[bytes]]]:
     }
 
 
-def shared_messages(pool: str, uplink: str) -> list[Message]:
-    """The table, its sets and chains: what every cage on the node shares."""
-    msgs = [nfnl.new_table(TABLE, exclusive=True), nfnl.new_counter(TABLE, CAGES)]
+def shared_messages(pool: str, uplink: str, owner: str = "") -> list[Message]:
+    """The table, its sets and chains: what every cage on the node shares; ``owner``
+    (:func:`~.rules.installation_owner`) is the table's comment and names its owner set."""
+    msgs = [
+        nfnl.new_table(TABLE, exclusive=True, comment=owner),
+        nfnl.new_counter(TABLE, CAGES),
+    ]
     sets = [
         (CAGES, [IFNAME_FIELD], {"counters": True}),
         (ADDRESS_SET, [IFNAME_FIELD, IPV4_FIELD], {}),
         (NODE_ACCESS_SET, [IFNAME_FIELD], {}),
         *((name, [IFNAME_FIELD], {"counters": True}) for name in COUNTER_MAPS.values()),
     ]
+    if owner:
+        sets.append((owner_set(owner), [IFNAME_FIELD], {}))
     msgs += [nfnl.new_set(TABLE, name, i, key, **kw) for i, (name, key, kw) in enumerate(sets, 1)]
     hooked = [
         (FORWARD_CHAIN, nfnl.NF_INET_FORWARD),
@@ -362,6 +377,8 @@ def _cage_elements(cage: CagePlan) -> list[tuple[str, list[nfnl.Element]]]:
         out.append((cages, [nfnl.Element(veth, counter=nets)]))
     if cage.allow_node_access:
         out.append((NODE_ACCESS_SET, [nfnl.Element(veth)]))
+    if cage.owner:
+        out.append((owner_set(cage.owner), [nfnl.Element(veth)]))
     names = all_counter_names(cage)
     out += [(COUNTER_MAPS[cls], [nfnl.Element(veth, counter=name)]) for cls, name in names.items()]
     return out
@@ -393,7 +410,9 @@ def cage_removal(cage: CagePlan) -> list[Message]:
 
 
 def shared_removal(
-    campus_lists: Sequence[str] = (), present: Container[tuple[str, str]] | None = None
+    campus_lists: Sequence[str] = (),
+    present: Container[tuple[str, str]] | None = None,
+    owners: Sequence[str] = (),
 ) -> list[Message]:
     """Deletes the shared part, and fails with EBUSY (changing nothing) while a cage's
     counter or element is in the table. ``campus_lists`` (network set names) go with
@@ -411,7 +430,9 @@ def shared_removal(
         if there("chain", name)
     ]
     msgs += [
-        nfnl.del_set(TABLE, name, only_if_empty=True) for name in CAGE_SETS if there("set", name)
+        nfnl.del_set(TABLE, name, only_if_empty=True)
+        for name in (*CAGE_SETS, *owners)
+        if there("set", name)
     ]
     for nets in campus_lists:
         if there("set", nets + CAGES_SUFFIX):
@@ -445,6 +466,21 @@ def _raced(e: nfnl.NfnlError, first: bool) -> bool:
     return e.errno == errno.ENOENT and not first
 
 
+def _owners(sets: Sequence[str]) -> list[str]:
+    return [n for n in sets if n.startswith(OWNER_PREFIX)]
+
+
+def _other_owner(cage: CagePlan, e: nfnl.NfnlError) -> ConfigError | None:
+    """The error for a cage refused because the table serves another installation
+    (the kernel found no owner set of its name), or None if that is not why."""
+    if not cage.owner or e.errno != errno.ENOENT or owner_set(cage.owner) not in e.what:
+        return None
+    theirs = nfnl.table_comment(TABLE)
+    if theirs is None or theirs == cage.owner:
+        return None  # the table went, or came back ours, meanwhile: a race
+    return installation_conflict(cage.owner, theirs or "an older JobCage (no owner)")
+
+
 class NftablesFirewall(Firewall):
     """The layout of this module's docstring, over :mod:`.nfnl`."""
 
@@ -466,9 +502,13 @@ class NftablesFirewall(Firewall):
             msgs = cage_messages(cage, with_campus_list=new_list)
             try:
                 # The node's first cage makes the shared part in the same transaction.
-                nfnl.transact(shared_messages(pool, uplink()) + msgs if first else msgs)
+                shared = shared_messages(pool, uplink(), cage.owner) if first else []
+                nfnl.transact(shared + msgs)
                 return
             except nfnl.NfnlError as e:
+                conflict = _other_owner(cage, e)
+                if conflict is not None:
+                    raise conflict from None
                 if self._rule_refused(e, first):
                     raise KernelFeatureError(f"{what}: {e}; {_MISSING_FEATURE}") from e
                 if not _raced(e, first):
@@ -550,7 +590,8 @@ class NftablesFirewall(Firewall):
                 return False  # other cages are there
             if cages == 0:
                 # Atomic against a cage arriving meanwhile: then EBUSY, nothing changed.
-                nfnl.transact(shared_removal(self._campus_lists()))
+                sets = nfnl.dump_sets(TABLE)
+                nfnl.transact(shared_removal(self._campus_lists(sets), owners=_owners(sets)))
                 return True
         except nfnl.NfnlError as e:
             if e.errno == errno.EBUSY:
@@ -576,7 +617,7 @@ class NftablesFirewall(Firewall):
             raise _translate(e, what) from e
         present = {("chain", n) for n in chains} | {("set", n) for n in sets}
         present |= {("counter", n) for n in counters}
-        ours = shared_removal(self._campus_lists(sets), present)
+        ours = shared_removal(self._campus_lists(sets), present, _owners(sets))
         try:
             nfnl.transact(ours)
         except nfnl.NfnlError as e:
