@@ -13,7 +13,6 @@ and ICMP are exact: a datagram of S payload bytes counts S + 28 (IP 20 + UDP/ICM
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from jobcage.network import (
 from jobcage.network import firewall as firewall_mod
 from jobcage.network import netns as netns_mod
 from jobcage.network.nftables import NftablesFirewall
+from jobcage.network.rules import TRAFFIC_FIELDS
 from jobcage.testing import networld as world_mod
 from jobcage.testing.networld import (
     CAMPUS_HOST,
@@ -61,10 +61,7 @@ ZERO = NetCounters()
 
 
 def delta(after: NetCounters, before: NetCounters) -> dict[str, int]:
-    return {
-        f.name: getattr(after, f.name) - getattr(before, f.name)
-        for f in dataclasses.fields(NetCounters)
-    }
+    return {name: getattr(after, name) - getattr(before, name) for name in TRAFFIC_FIELDS}
 
 
 def assert_data(measured: int, payload: int, what: str, resent: int = 0) -> None:

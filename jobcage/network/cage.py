@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from ..errors import (
     ConfigError,
     JobCageError,
     NetworkError,
+    RulesGoneError,
     TeardownError,
 )
 from ..ids import netns_name as make_netns_name
@@ -30,6 +32,7 @@ from . import netns
 from .addresses import AddressPool, LeaseStore
 from .firewall import Firewall, all_firewalls, open_firewall, resolve_firewall
 from .nftables import CAMPUS_PREFIX, TABLE_LABEL, all_counter_names
+from .restore import GapStore, restore_cage_rules
 from .rules import (
     CAGE_CHAIN_PREFIX,
     SHARED_PREFIX,
@@ -72,6 +75,8 @@ class NetworkCage:
     # Which backend holds the rules: fixed at create, kept in the record, so that a
     # changed config never makes JobCage look for a cage's rules in the wrong place.
     firewall_backend: str = "iptables-legacy"
+    # The config's uplink (None: the default route's), for putting the NAT back.
+    uplink: str | None = None
     _final: NetCounters | None = field(default=None, repr=False)
     _destroyed: bool = field(default=False, repr=False)
 
@@ -136,6 +141,7 @@ class NetworkCage:
             allow_node_access=config.allow_node_access,
             state_dir=config.state_dir,
             firewall_backend=firewall_backend,
+            uplink=config.uplink,
         )
         # Rollback removes only what this call built: with a duplicate job id, the
         # names (netns, chains, resolv.conf) are the running cage's.
@@ -161,7 +167,7 @@ class NetworkCage:
             )
             built["netns"] = True
             netns.ensure_forwarding()
-            cage._firewall().install(cage.plan, cage.pool, lambda: _uplink(config))
+            cage._firewall().install(cage.plan, cage.pool, lambda: _uplink(config.uplink))
             built["rules"] = True
             text = netns.plan_resolv_conf(
                 netns.read_text(netns.RESOLV_CONF) or "",
@@ -193,12 +199,25 @@ class NetworkCage:
     # -- accounting ------------------------------------------------------------------
 
     def counters(self) -> NetCounters:
-        """Live counters of this cage's rules only."""
+        """Live counters of this cage's rules only. Rules found gone (`nft flush
+        ruleset`, a firewall reload) are put back, and the counts say they have a gap."""
         if self._destroyed:
             if self._final is None:
                 raise CageStateError(f"the network cage of {self.job_id} is destroyed")
             return self._final
-        return self._firewall().counters(self.plan)
+        try:
+            found = self._firewall().counters(self.plan)
+        except RulesGoneError:
+            if not os.path.exists(self.netns_path):
+                raise  # torn down meanwhile: nothing to put back
+            self.restore_rules()
+            found = self._firewall().counters(self.plan)
+        return found.with_gaps(*GapStore(self.state_dir).read(self.job_id))
+
+    def restore_rules(self) -> bool:
+        """Put the cage's rules back if they are gone, and count a gap; True if this
+        call did (see :mod:`.restore`)."""
+        return restore_cage_rules(self, lambda: _uplink(self.uplink))
 
     # -- teardown --------------------------------------------------------------------
 
@@ -231,7 +250,15 @@ class NetworkCage:
         firewall = self._firewall()
         if read_counters:
             try:
-                self._final = firewall.counters(self.plan)
+                self._final = firewall.counters(self.plan).with_gaps(
+                    *GapStore(self.state_dir).read(self.job_id)
+                )
+            except RulesGoneError:
+                if os.path.exists(self.netns_path):
+                    # Gone since the last read (a flush): what passed is lost, and the
+                    # bill says so (None, never a made-up 0), one gap more.
+                    gaps = GapStore(self.state_dir).read(self.job_id)[0]
+                    self._final = NetCounters.lost(gaps + 1, time.time())
             except JobCageError as e:
                 # Chains and netns both gone: an earlier teardown (or reap) finished the
                 # job; nothing to count and nothing lost. Chains gone alone is a loss.
@@ -263,6 +290,7 @@ class NetworkCage:
                 else self._leases().release(self.lease_index, self.job_id)
             ),
             lambda: netns.remove_resolv_conf(self.netns_name) if remove_resolv else None,
+            lambda: GapStore(self.state_dir).remove(self.job_id),
         ]
         for step in steps:
             try:
@@ -291,6 +319,7 @@ class NetworkCage:
             "state_dir": self.state_dir,
             "resolv_conf_path": self.resolv_conf_path,
             "firewall": self.firewall_backend,
+            "uplink": self.uplink,
             # Where an administrator finds the cage's rules: its own chains (x_tables),
             # or its counters in the shared table (nftables).
             "chains": {TABLE_LABEL: list(all_counter_names(plan).values())}
@@ -318,6 +347,7 @@ class NetworkCage:
                 or (config.state_dir if config is not None else ""),
                 resolv_conf_path=record.get("resolv_conf_path"),
                 firewall_backend=record.get("firewall", "iptables-legacy"),
+                uplink=record.get("uplink"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise NetworkError(
@@ -344,15 +374,15 @@ def read_counters(cages: Sequence[NetworkCage]) -> dict[str, NetCounters | None]
     return out
 
 
-def _uplink(config: Config) -> str:
-    if config.uplink is None:
+def _uplink(uplink: str | None) -> str:
+    if uplink is None:
         return netns.default_route_interface()
-    if not netns.link_exists(config.uplink):
+    if not netns.link_exists(uplink):
         raise NetworkError(
-            f"the uplink {config.uplink!r} set in the config does not exist on the node; "
+            f"the uplink {uplink!r} set in the config does not exist on the node; "
             "set `uplink` to the interface of the node's way out (see `ip route`)"
         )
-    return config.uplink
+    return uplink
 
 
 # -- finding what a dead owner left ---------------------------------------------------

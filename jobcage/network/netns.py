@@ -315,6 +315,20 @@ def remove(netns_name: str) -> None:
         raise NetworkError(f"cannot remove {path}: {e.strerror}") from e
 
 
+def set_link_down(ifname: str) -> None:
+    """Cut a node-side veth off (fail closed: a cage whose rules could not be put back
+    gets no traffic at all). Idempotent; a veth already gone is fine."""
+    hooks.check()
+    request = rtnl.set_down_by_name(ifname, f"setting {ifname} down")
+    try:
+        with rtnl.Socket() as nl:
+            (answer,) = nl.talk([request])
+            if answer.error != errno.ENODEV:
+                rtnl.raise_first_error([request], [answer])
+    except rtnl.NetlinkError as e:
+        raise _netlink_error(e, None) from e
+
+
 def delete_link(ifname: str) -> None:
     """Delete a leftover node-side veth (and so its peer). Synchronous, ~30 ms (RCU):
     only for `jobcage reap`, never on the teardown path. Idempotent."""

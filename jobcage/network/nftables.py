@@ -62,7 +62,13 @@ import ipaddress
 import struct
 from collections.abc import Callable, Container, Sequence
 
-from ..errors import CageExistsError, ConfigError, KernelFeatureError, NetworkError
+from ..errors import (
+    CageExistsError,
+    ConfigError,
+    KernelFeatureError,
+    NetworkError,
+    RulesGoneError,
+)
 from ..ids import VETH_PREFIX
 from . import hooks, nfnl
 from .firewall import Firewall
@@ -567,6 +573,11 @@ class NftablesFirewall(Firewall):
         except nfnl.NfnlError as e:
             if e.errno != errno.ENOENT:
                 raise _translate(e, what) from e
+            try:
+                if nfnl.table_use(TABLE) is None:
+                    return  # the whole table is gone (`nft flush ruleset`): nothing left
+            except nfnl.NfnlError as e2:
+                raise _translate(e2, what) from e2
             # Partly gone already (an earlier teardown, or by hand): remove what is left,
             # one object at a time (each missing one costs an aborted transaction).
             self._remove_each(cage_removal(cage), what)
@@ -653,12 +664,21 @@ class NftablesFirewall(Firewall):
         values = dict(zip(names, found, strict=True))
         missing = [names[c] for c, v in values.items() if v is None]
         if missing:
-            raise NetworkError(
+            raise RulesGoneError(
                 f"the accounting counters {', '.join(missing)} of cage {cage.host_veth} are "
                 f"gone (table ip {TABLE} deleted by hand, or `nft flush ruleset`?): its "
                 "counters are lost"
             )
         return counters_by_class(values)  # type: ignore[arg-type]
+
+    def restore(self, cage: CagePlan, pool: str, uplink: Callable[[], str]) -> None:
+        """After `nft flush ruleset` nothing of the cage is left: installed afresh (and
+        the table with it). Only what a hand edit left makes it remove first (one
+        aborted transaction per missing object: the slow way, and rare)."""
+        try:
+            self.install(cage, pool, uplink)
+        except CageExistsError:
+            super().restore(cage, pool, uplink)
 
     def counters_many(self, cages: Sequence[CagePlan]) -> dict[str, NetCounters | None]:
         try:

@@ -63,22 +63,50 @@ ESTABLISHED = "RELATED,ESTABLISHED"
 class NetCounters:
     """Bytes and packets of one job, split LAN/WAN; rx is into the job, tx out of it."""
 
-    net_lan_rx_bytes: int = 0
-    net_lan_tx_bytes: int = 0
-    net_wan_rx_bytes: int = 0
-    net_wan_tx_bytes: int = 0
-    net_lan_rx_packets: int = 0
-    net_lan_tx_packets: int = 0
-    net_wan_rx_packets: int = 0
-    net_wan_tx_packets: int = 0
+    # None: lost (the rules were gone when the counts were to be read).
+    net_lan_rx_bytes: int | None = 0
+    net_lan_tx_bytes: int | None = 0
+    net_wan_rx_bytes: int | None = 0
+    net_wan_tx_bytes: int | None = 0
+    net_lan_rx_packets: int | None = 0
+    net_lan_tx_packets: int | None = 0
+    net_wan_rx_packets: int | None = 0
+    net_wan_tx_packets: int | None = 0
+    # How often the cage's rules were found gone (`nft flush ruleset`, a firewall
+    # reload) and put back: the counts miss what passed meanwhile. 0: they are whole.
+    net_counts_gaps: int = 0
+    # When the counts start (Unix time): the last time the rules were put back, or
+    # found gone; None while they were never lost.
+    net_counted_since_unix: float | None = None
 
     def __add__(self, other: NetCounters) -> NetCounters:
+        def add(a: int | None, b: int | None) -> int | None:
+            return None if a is None or b is None else a + b
+
+        since = [t for t in (self.net_counted_since_unix, other.net_counted_since_unix) if t]
         return NetCounters(
-            **{
-                f.name: getattr(self, f.name) + getattr(other, f.name)
-                for f in dataclasses.fields(self)
-            }
+            **{name: add(getattr(self, name), getattr(other, name)) for name in TRAFFIC_FIELDS},
+            net_counts_gaps=self.net_counts_gaps + other.net_counts_gaps,
+            net_counted_since_unix=max(since) if since else None,
         )
+
+    def with_gaps(self, gaps: int, since: float | None) -> NetCounters:
+        return dataclasses.replace(self, net_counts_gaps=gaps, net_counted_since_unix=since)
+
+    @classmethod
+    def lost(cls, gaps: int, since: float) -> NetCounters:
+        """Counts that could not be read: every traffic figure None, never a made-up 0."""
+        return cls(
+            **dict.fromkeys(TRAFFIC_FIELDS), net_counts_gaps=gaps, net_counted_since_unix=since
+        )
+
+
+TRAFFIC_FIELDS = tuple(
+    f"net_{where}_{way}_{unit}"
+    for unit in ("bytes", "packets")
+    for where in ("lan", "wan")
+    for way in ("rx", "tx")
+)
 
 
 @dataclass(frozen=True)
