@@ -110,12 +110,15 @@ def evaluate(ad: ClassAd, name: str, default: Any = None) -> Any:
     return value
 
 
-def print_ad(ad: ClassAd) -> str:
-    """The ad in the new (bracketed) format, one attribute a line, newline-terminated.
+def print_ad(ad: ClassAd, *, old: bool = False) -> str:
+    """The ad as text, newline-terminated: the new (bracketed) format by default.
 
     New format because a string holding a newline stays on one line there
-    (``printOld`` writes it raw, which breaks the line-based old format).
+    (``printOld`` writes it raw, which breaks the line-based old format); ``old=True``
+    for readers that want ``Name = value`` lines, and only for such plain values.
     """
+    if old:
+        return ad.printOld().rstrip("\n") + "\n"
     return str(ad).strip() + "\n"
 
 

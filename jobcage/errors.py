@@ -17,7 +17,9 @@ are translated at the backend edge with ``raise ... from`` so the cause stays vi
     ├── NetworkError           building or removing the network side failed
     ├── TeardownError          teardown finished with errors; lists each
     ├── MissingExtraError      an optional dependency (a pip extra) is not installed
-    └── ClassAdError           a ClassAd that does not parse or evaluate
+    ├── ClassAdError           a ClassAd that does not parse or evaluate
+    ├── TransferError          the transfer plugin refused or failed one file; nothing made
+    └── FetchError             every route of `jobcage fetch` failed; nothing left at DEST
 """
 
 from __future__ import annotations
@@ -81,4 +83,12 @@ class MissingExtraError(JobCageError, ImportError):
 
 
 class ClassAdError(JobCageError, ValueError):
+    pass
+
+
+class TransferError(JobCageError):
+    pass
+
+
+class FetchError(JobCageError):
     pass

@@ -110,3 +110,10 @@ def test_integers_are_not_mistaken_for_the_error_and_undefined_markers():
     assert classads.evaluate(ad, "one") == 1
     assert classads.evaluate(ad, "two") == 2
     assert classads.evaluate(ad, "yes") is True
+
+
+def test_old_format_printing_parses_back():
+    ad = classads.new_ad({"PluginType": "FileTransfer", "MultipleFileSupport": True})
+    text = classads.print_ad(ad, old=True)
+    assert not text.lstrip().startswith("[")
+    assert classads.evaluate(classads.parse_ad(text), "MultipleFileSupport") is True

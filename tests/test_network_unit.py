@@ -103,6 +103,17 @@ def test_leases_never_collide_across_threads(tmp_path):
     assert store.held()[5].startswith("job")
 
 
+def test_a_subnet_still_held_is_skipped_not_leased(tmp_path):
+    """Held (the node still routes it to an old veth): not free, though unleased."""
+    store = LeaseStore(str(tmp_path), AddressPool("100.64.0.0/28"))
+    held = {0, 2}
+    lease, _ = store.acquire("a", lambda lease: lease.index in held)
+    assert lease.index == 1 and store.held() == {1: "a"}
+    assert store.acquire("b", lambda lease: lease.index in held)[0].index == 3
+    with pytest.raises(AddressPoolExhaustedError, match="outlived its cage"):
+        store.acquire("c", lambda lease: lease.index in held)
+
+
 def test_lease_release_and_first_flag(tmp_path):
     store = LeaseStore(str(tmp_path), AddressPool("100.64.0.0/24"))
     a, first_a = store.acquire("a")

@@ -75,6 +75,8 @@ from .nfnl import (
     NFTA_SET_TABLE,
     NFTA_TABLE_NAME,
     NFTA_TABLE_USE,
+    NFTA_TABLE_USERDATA,
+    NFTNL_UDATA_TABLE_COMMENT,
     batch_bytes,
     nfgen,
     obj_key,
@@ -405,6 +407,21 @@ def table_use(table: str) -> int | None:
     duration an RCU grace period; a committed one 0.2 ms)."""
     found = _get(NFT_MSG_GETTABLE, attr_str(NFTA_TABLE_NAME, table), f"table ip {table}")
     return None if found is None else struct.unpack(">I", found[NFTA_TABLE_USE])[0]
+
+
+def table_comment(table: str) -> str | None:
+    """The comment of ``table`` ("" if it has none; None: no such table)."""
+    found = _get(NFT_MSG_GETTABLE, attr_str(NFTA_TABLE_NAME, table), f"table ip {table}")
+    if found is None:
+        return None
+    data = found.get(NFTA_TABLE_USERDATA, b"")
+    at = 0
+    while at + 2 <= len(data):
+        kind, length = data[at], data[at + 1]
+        if kind == NFTNL_UDATA_TABLE_COMMENT:
+            return data[at + 2 : at + 2 + length].split(b"\0", 1)[0].decode(errors="replace")
+        at += 2 + length
+    return ""
 
 
 def available() -> bool:

@@ -61,7 +61,8 @@ NFT_MSG_GETGEN = 16
 NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ, NFT_MSG_DELOBJ = 18, 19, 20
 
 # Attributes (linux/netfilter/nf_tables.h)
-NFTA_TABLE_NAME, NFTA_TABLE_FLAGS, NFTA_TABLE_USE = 1, 2, 3
+NFTA_TABLE_NAME, NFTA_TABLE_FLAGS, NFTA_TABLE_USE, NFTA_TABLE_USERDATA = 1, 2, 3, 6
+NFTNL_UDATA_TABLE_COMMENT = 0  # libnftnl's: `nft list` shows it
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE = (
     1,
     3,
@@ -119,11 +120,15 @@ def nfgen(family: int = NFPROTO_IPV4, res_id: int = 0) -> bytes:
     return struct.pack("=BBH", family, 0, socket.htons(res_id))
 
 
-def new_table(table: str, *, exclusive: bool) -> Request:
+def new_table(table: str, *, exclusive: bool, comment: str = "") -> Request:
+    body = attr_str(NFTA_TABLE_NAME, table) + attr_be32(NFTA_TABLE_FLAGS, 0)
+    if comment:
+        text = comment.encode()[:254] + b"\0"
+        body += attr(NFTA_TABLE_USERDATA, bytes([NFTNL_UDATA_TABLE_COMMENT, len(text)]) + text)
     return Request(
         NFT_MSG_NEWTABLE,
         NLM_F_CREATE | (NLM_F_EXCL if exclusive else 0),
-        attr_str(NFTA_TABLE_NAME, table) + attr_be32(NFTA_TABLE_FLAGS, 0),
+        body,
         f"table ip {table}",
     )
 

@@ -66,6 +66,7 @@ RTM_NEWADDR = 20
 RTM_NEWROUTE = 24
 RTM_GETROUTE = 26
 RT_TABLE_MAIN = 254
+RTM_F_FIB_MATCH = 0x2000  # RTM_GETROUTE: answer with the route that matched (4.13+)
 RTPROT_STATIC = 4  # what pyroute2's route("add") set, and `ip route` shows as "proto static"
 RT_SCOPE_UNIVERSE = 0
 RTN_UNICAST = 1
@@ -203,6 +204,13 @@ def delete_link(name: str, what: str) -> Request:
 
 def dump_links(what: str = "listing the links") -> Request:
     return Request(RTM_GETLINK, NLM_F_DUMP, ifinfomsg(), what)
+
+
+def get_route_match(dst: ipaddress.IPv4Address, what: str) -> Request:
+    """RTM_GETROUTE of one destination, answered with the FIB entry that matched
+    (RTM_F_FIB_MATCH) rather than a computed route: its prefix says which route."""
+    body = _RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH)
+    return Request(RTM_GETROUTE, 0, body + attr(RTA_DST, dst.packed), what)
 
 
 def dump_routes(what: str = "listing the IPv4 routes") -> Request:

@@ -90,6 +90,7 @@ class NetworkCage:
             pool=self.pool,
             campus_networks=self.campus_networks,
             allow_node_access=self.allow_node_access,
+            state_dir=self.state_dir,
         )
 
     def _firewall(self) -> Firewall:
@@ -121,7 +122,9 @@ class NetworkCage:
             )
         host_veth, _ = veth_names(job_id)
         firewall_backend = resolve_firewall(config.firewall)  # may refuse: before the lease
-        lease, first = LeaseStore(config.state_dir, pool).acquire(job_id)
+        lease, first = LeaseStore(config.state_dir, pool).acquire(
+            job_id, lambda lease: netns.address_held(lease.job)
+        )
         cage = cls(
             job_id=job_id,
             netns_name=make_netns_name(job_id),

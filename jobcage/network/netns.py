@@ -120,15 +120,20 @@ def _netlink_error(e: OSError, what: str | None) -> Exception:
     return core.network_error(e, what)
 
 
-def _link_index(nl: rtnl.Socket, ifname: str) -> int | None:
-    """RTM_GETLINK by name: one answer, where a dump would list every link of the
-    node (hundreds with hundreds of cages)."""
+def _link(nl: rtnl.Socket, ifname: str) -> bytes | None:
+    """RTM_GETLINK by name: one answer (the link's RTM_NEWLINK, None: no such link),
+    where a dump would list every link of the node (hundreds with hundreds of cages)."""
     request = rtnl.get_link(name=ifname)
     (answer,) = nl.talk([request])
     if answer.error == errno.ENODEV:
         return None
     rtnl.raise_first_error([request], [answer])
-    return rtnl.ifinfo_index(answer.replies[0])
+    return answer.replies[0]
+
+
+def _link_index(nl: rtnl.Socket, ifname: str) -> int | None:
+    link = _link(nl, ifname)
+    return None if link is None else rtnl.ifinfo_index(link)
 
 
 def _link_names(nl: rtnl.Socket, indexes: Iterable[int]) -> dict[int, str]:
@@ -399,13 +404,7 @@ def default_route_interface() -> str:
 
 
 def link_exists(ifname: str) -> bool:
-    if not 0 < len(ifname.encode()) < IFNAMSIZ:
-        return False  # no link can have that name (the kernel would say EINVAL)
-    try:
-        with rtnl.Socket() as nl:
-            return _link_index(nl, ifname) is not None
-    except core.NetlinkError as e:
-        raise _netlink_error(e, f"looking up {ifname!r} on the node") from e
+    return link_operstate(ifname) is not None
 
 
 def link_operstate(ifname: str) -> str | None:
@@ -413,21 +412,15 @@ def link_operstate(ifname: str) -> str | None:
     None if there is no such link in the calling thread's netns (asked over rtnetlink:
     /sys/class/net shows the netns sysfs was mounted in, not the caller's)."""
     if not 0 < len(ifname.encode()) < IFNAMSIZ:
-        return None
-    request = rtnl.get_link(name=ifname)
+        return None  # no link can have that name (the kernel would say EINVAL)
     try:
         with rtnl.Socket() as nl:
-            (answer,) = nl.talk([request])
-    except OSError as e:
-        raise _netlink_error(e, f"looking up {ifname!r} on the node") from e
-    if answer.error == errno.ENODEV:
-        return None
-    try:
-        rtnl.raise_first_error([request], [answer])
+            link = _link(nl, ifname)
     except core.NetlinkError as e:
-        raise _netlink_error(e, None) from e
-    state = rtnl.ifinfo_attrs(answer.replies[0]).get(rtnl.IFLA_OPERSTATE)
-    code = state[0] if state else 0
+        raise _netlink_error(e, f"looking up {ifname!r} on the node") from e
+    if link is None:
+        return None
+    code = rtnl.ifinfo_attrs(link).get(rtnl.IFLA_OPERSTATE, b"\0")[0]
     return rtnl.OPERSTATES[code] if code < len(rtnl.OPERSTATES) else "unknown"
 
 
@@ -462,6 +455,31 @@ def routes_overlapping(pool: str) -> list[str]:
         if not is_cage_veth(dev):
             found.append(f"{dst}" + (f" dev {dev}" if dev else ""))
     return found
+
+
+def address_held(job_address: ipaddress.IPv4Interface) -> bool:
+    """Whether a route of the node still covers the subnet of ``job_address`` alone
+    (or a part of it). A veth whose netns outlived its cage (a process stuck in D
+    state, or one that left the cage's cgroup, keeps the netns) keeps its address and
+    connected route: a new cage given that subnet would get none of its traffic, so
+    the subnet is not free. One RTM_GETROUTE, answered with the route that matched."""
+    request = rtnl.get_route_match(
+        job_address.ip, f"looking up the route to {job_address.ip} on the node"
+    )
+    try:
+        with rtnl.Socket() as nl:
+            (answer,) = nl.talk([request])
+    except OSError as e:
+        raise _netlink_error(e, None) from e
+    if answer.error in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENOENT):
+        return False  # no route at all: nothing holds it
+    try:
+        rtnl.raise_first_error([request], [answer])
+    except core.NetlinkError as e:
+        raise _netlink_error(e, None) from e
+    return any(
+        rtnl.route_fields(reply)[0] >= job_address.network.prefixlen for reply in answer.replies
+    )
 
 
 def is_cage_veth(ifname: str) -> bool:

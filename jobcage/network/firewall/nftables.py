@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Container, Sequence
 
-from ...errors import CageExistsError, KernelFeatureError, NetworkError
+from ...errors import CageExistsError, ConfigError, KernelFeatureError, NetworkError
 from ...ids import VETH_PREFIX
 from ...netlink import core, nfchannel, nfnl
 from ...netlink.core import Request
@@ -21,6 +21,7 @@ from .nftables_layout import (
     CAMPUS_PREFIX,
     CAMPUS_RX_CHAIN,
     CAMPUS_TX_CHAIN,
+    OWNER_PREFIX,
     TABLE,
     TABLE_LABEL,
     all_counter_names,
@@ -28,10 +29,18 @@ from .nftables_layout import (
     cage_removal,
     campus_sets,
     counter_names,
+    owner_set,
     shared_messages,
     shared_removal,
 )
-from .policy import CAGE_CHAIN_PREFIX, CagePlan, NetCounters, cage_hash_of, counters_by_class
+from .policy import (
+    CAGE_CHAIN_PREFIX,
+    CagePlan,
+    NetCounters,
+    cage_hash_of,
+    counters_by_class,
+    installation_conflict,
+)
 
 INSTALL_ATTEMPTS = 5
 
@@ -62,6 +71,21 @@ def _raced(e: core.NetlinkError, first: bool) -> bool:
     return e.errno == errno.ENOENT and not first
 
 
+def _owners(sets: Sequence[str]) -> list[str]:
+    return [n for n in sets if n.startswith(OWNER_PREFIX)]
+
+
+def _other_owner(cage: CagePlan, e: core.NetlinkError) -> ConfigError | None:
+    """The error for a cage refused because the table serves another installation
+    (the kernel found no owner set of its name), or None if that is not why."""
+    if not cage.owner or e.errno != errno.ENOENT or owner_set(cage.owner) not in e.what:
+        return None
+    theirs = nfchannel.table_comment(TABLE)
+    if theirs is None or theirs == cage.owner:
+        return None  # the table went, or came back ours, meanwhile: a race
+    return installation_conflict(cage.owner, theirs or "an older JobCage (no owner)")
+
+
 class NftablesFirewall(Firewall):
     """The layout of :mod:`.nftables_layout`, over :mod:`jobcage.netlink`."""
 
@@ -84,9 +108,13 @@ class NftablesFirewall(Firewall):
             msgs = cage_messages(cage, with_campus_list=new_list)
             try:
                 # The node's first cage makes the shared part in the same transaction.
-                nfchannel.transact(shared_messages(pool, uplink()) + msgs if first else msgs)
+                shared = shared_messages(pool, uplink(), cage.owner) if first else []
+                nfchannel.transact(shared + msgs)
                 return
             except core.NetlinkError as e:
+                conflict = _other_owner(cage, e)
+                if conflict is not None:
+                    raise conflict from None
                 if self._rule_refused(e, first):
                     raise KernelFeatureError(f"{what}: {e}; {_MISSING_FEATURE}") from e
                 if not _raced(e, first):
@@ -168,7 +196,8 @@ class NftablesFirewall(Firewall):
                 return False  # other cages are there
             if cages == 0:
                 # Atomic against a cage arriving meanwhile: then EBUSY, nothing changed.
-                nfchannel.transact(shared_removal(self._campus_lists()))
+                sets = nfchannel.dump_sets(TABLE)
+                nfchannel.transact(shared_removal(self._campus_lists(sets), owners=_owners(sets)))
                 return True
         except core.NetlinkError as e:
             if e.errno == errno.EBUSY:
@@ -194,7 +223,7 @@ class NftablesFirewall(Firewall):
             raise _translate(e, what) from e
         present = {("chain", n) for n in chains} | {("set", n) for n in sets}
         present |= {("counter", n) for n in counters}
-        ours = shared_removal(self._campus_lists(sets), present)
+        ours = shared_removal(self._campus_lists(sets), present, _owners(sets))
         try:
             nfchannel.transact(ours)
         except core.NetlinkError as e:

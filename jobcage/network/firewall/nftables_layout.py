@@ -93,6 +93,10 @@ CAGES = "JOBCAGE-CAGES"
 NODE_ACCESS_SET = "JOBCAGE-NODE-ACCESS"  # veths of cages with allow_node_access
 # Per campus list in use: its networks, and the veths of the cages using it.
 CAMPUS_PREFIX, CAGES_SUFFIX = "JOBCAGE-CAMPUS-", "-CAGES"
+# The installation (pool and state dir) the shared part serves: a set named after it,
+# in which each cage's veth is an element. A cage of another installation names a set
+# that is not there, and the kernel refuses its whole transaction.
+OWNER_PREFIX = "JOBCAGE-OWNER-"
 # Counter maps: veth -> the cage's counter of a class (and of what it refused).
 REFUSED_TX, REFUSED_RX = "refused_tx", "refused_rx"
 COUNTER_SUFFIXES = {
@@ -117,6 +121,10 @@ R_AFTER_IFNAME = nfexpr.NFT_REG32_00 + 4
 SADDR, DADDR = 12, 16  # offsets in the IPv4 header
 IFNAME_FIELD = (nfnl.TYPE_IFNAME, nfnl.IFNAMSIZ)
 IPV4_FIELD = (nfnl.TYPE_IPADDR, 4)
+
+
+def owner_set(owner: str) -> str:
+    return OWNER_PREFIX + hashlib.sha256(owner.encode()).hexdigest()[:16]
 
 
 def counter_names(cage: CagePlan) -> dict[str, str]:
@@ -287,15 +295,21 @@ def policy_rules(pool: str) -> dict[str, list[list[bytes]]]:
     }
 
 
-def shared_messages(pool: str, uplink: str) -> list[Request]:
-    """The table, its sets and chains: what every cage on the node shares."""
-    msgs = [nfnl.new_table(TABLE, exclusive=True), nfnl.new_counter(TABLE, CAGES)]
+def shared_messages(pool: str, uplink: str, owner: str = "") -> list[Request]:
+    """The table, its sets and chains: what every cage on the node shares; ``owner``
+    (:func:`~.policy.installation_owner`) is the table's comment and names its owner set."""
+    msgs = [
+        nfnl.new_table(TABLE, exclusive=True, comment=owner),
+        nfnl.new_counter(TABLE, CAGES),
+    ]
     sets = [
         (CAGES, [IFNAME_FIELD], {"counters": True}),
         (ADDRESS_SET, [IFNAME_FIELD, IPV4_FIELD], {}),
         (NODE_ACCESS_SET, [IFNAME_FIELD], {}),
         *((name, [IFNAME_FIELD], {"counters": True}) for name in COUNTER_MAPS.values()),
     ]
+    if owner:
+        sets.append((owner_set(owner), [IFNAME_FIELD], {}))
     msgs += [nfnl.new_set(TABLE, name, i, key, **kw) for i, (name, key, kw) in enumerate(sets, 1)]
     hooked = [
         (FORWARD_CHAIN, nfnl.NF_INET_FORWARD),
@@ -348,6 +362,8 @@ def _cage_elements(cage: CagePlan) -> list[tuple[str, list[nfnl.Element]]]:
         out.append((cages, [nfnl.Element(veth, counter=nets)]))
     if cage.allow_node_access:
         out.append((NODE_ACCESS_SET, [nfnl.Element(veth)]))
+    if cage.owner:
+        out.append((owner_set(cage.owner), [nfnl.Element(veth)]))
     names = all_counter_names(cage)
     out += [(COUNTER_MAPS[cls], [nfnl.Element(veth, counter=name)]) for cls, name in names.items()]
     return out
@@ -379,7 +395,9 @@ def cage_removal(cage: CagePlan) -> list[Request]:
 
 
 def shared_removal(
-    campus_lists: Sequence[str] = (), present: Container[tuple[str, str]] | None = None
+    campus_lists: Sequence[str] = (),
+    present: Container[tuple[str, str]] | None = None,
+    owners: Sequence[str] = (),
 ) -> list[Request]:
     """Deletes the shared part, and fails with EBUSY (changing nothing) while a cage's
     counter or element is in the table. ``campus_lists`` (network set names) go with
@@ -397,7 +415,9 @@ def shared_removal(
         if there("chain", name)
     ]
     msgs += [
-        nfnl.del_set(TABLE, name, only_if_empty=True) for name in CAGE_SETS if there("set", name)
+        nfnl.del_set(TABLE, name, only_if_empty=True)
+        for name in (*CAGE_SETS, *owners)
+        if there("set", name)
     ]
     for nets in campus_lists:
         if there("set", nets + CAGES_SUFFIX):

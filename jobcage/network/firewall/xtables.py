@@ -48,6 +48,7 @@ from .policy import (
     RuleSpec,
     SharedPlan,
     classify,
+    installation_conflict,
 )
 from .xtables_compiled import Entry, EntryCache
 
@@ -168,6 +169,8 @@ def _render(spec: RuleSpec, table: Any) -> Any:
     if spec.ctstate:
         match = rule.create_match("conntrack")
         match.ctstate = spec.ctstate
+    if spec.comment:
+        rule.create_match("comment").comment = spec.comment
     target = rule.create_target(spec.target)
     if spec.reject_with:
         target.reject_with = spec.reject_with
@@ -247,6 +250,7 @@ class IptablesLegacyFirewall(Firewall):
                             f"iptables chain {name} already exists: a cage with this job "
                             "id, or its leftover, is on the node; run `jobcage reap`"
                         )
+                self._check_owner(cage)
                 self._ensure_shared_filter(filt, SharedPlan(pool, "unused"))
                 for spec in cage.chains:
                     filt.create_chain(spec.name)
@@ -261,7 +265,7 @@ class IptablesLegacyFirewall(Firewall):
             finally:
                 filt.close()
             try:
-                self._ensure_nat(pool, uplink)
+                self._ensure_nat(pool, uplink, cage.owner)
             except BaseException:
                 self._remove_locked(cage)
                 raise
@@ -283,13 +287,27 @@ class IptablesLegacyFirewall(Firewall):
             if not _has_jump(filt, jump.chain, jump.rule.target):
                 _insert(filt, jump.chain, jump.rule)
 
-    def _ensure_nat(self, pool: str, uplink: Callable[[], str]) -> None:
+    @staticmethod
+    def _check_owner(cage: CagePlan) -> None:
+        """Refuse a cage of another installation than the one the NAT serves (its
+        MASQUERADE rule's comment): the shared rules cover one pool and state dir.
+        Asked under the xtables lock, before anything is changed."""
+        if not cage.owner:
+            return
+        try:
+            theirs = xtables_read.first_rule_comment(xtables_read.read_table("nat"), NAT_CHAIN)
+        except OSError as e:
+            raise NetworkError(f"reading the node's nat table: {e}") from e
+        if theirs is not None and theirs != cage.owner:
+            raise installation_conflict(cage.owner, theirs or "an older JobCage (no owner)")
+
+    def _ensure_nat(self, pool: str, uplink: Callable[[], str], owner: str = "") -> None:
         iptc = _iptc()
         nat = _table("nat")
         try:
             changed = False
             if not nat.is_chain(NAT_CHAIN):
-                shared = SharedPlan(pool, uplink())
+                shared = SharedPlan(pool, uplink(), owner)
                 nat.create_chain(NAT_CHAIN)
                 for rule in shared.nat_chain.rules:
                     _append(nat, NAT_CHAIN, rule)

@@ -78,6 +78,7 @@ def shape(spec: RuleSpec) -> tuple[object, ...]:
         _interface_shape(spec.out_interface),
         spec.ctstate,
         spec.reject_with,
+        spec.comment,
     )
 
 
