@@ -18,8 +18,8 @@ import pytest
 from jobcage import JobCage
 from jobcage.errors import NetworkError
 from jobcage.network import NetworkCage
-from jobcage.network import firewall as firewall_mod
-from jobcage.network.nftables import NftablesFirewall
+from jobcage.network.firewall import xtables as firewall_mod
+from jobcage.network.firewall.nftables import NftablesFirewall
 from jobcage.reap import reap
 from jobcage.testing import networld as world_mod
 from jobcage.testing.networld import INTERNET_HOST, SERVER_PORT
