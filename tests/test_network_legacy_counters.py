@@ -23,7 +23,7 @@ from jobcage.network import NetworkCage
 from jobcage.testing import networld as world_mod
 from jobcage.testing.networld import INTERNET_HOST, SERVER_PORT
 
-from .conftest_network import run_in_cage
+from .conftest_network import GUARDED_SCRIPT, run_in_cage
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
@@ -33,20 +33,15 @@ CYCLES = 60
 IPTABLES_CYCLES = 150
 
 # One writer: create and destroy cages, $JC_CYCLES times (argv: state dir, job id prefix).
-CAGE_WRITER = """
-import os, sys
-from jobcage.config import Config
-from jobcage.network import NetworkCage, hooks
-initial = int(os.environ["JC_INITIAL_NETNS_INO"])
-def guard():
-    assert os.stat("/proc/thread-self/ns/net").st_ino != initial, "in the machine's netns"
-hooks.before_change = guard
-guard()
+CAGE_WRITER = (
+    GUARDED_SCRIPT
+    + """
 config = Config(state_dir=sys.argv[1], campus_networks=("192.0.2.0/24",),
                 firewall="iptables-legacy")
 for i in range(int(os.environ["JC_CYCLES"])):
     NetworkCage.create(f"{sys.argv[2]}c{i}", config).destroy()
 """
+)
 
 # `iptables-legacy -w`: a writer of the iptables kind, in the node's netns only.
 IPTABLES_WRITER = """

@@ -87,6 +87,25 @@ class AddressPool:
         ]
 
 
+@contextlib.contextmanager
+def locked_dir(directory: str, lock_path: str) -> Iterator[None]:
+    """``directory``, made if missing, while holding an flock on ``lock_path``: the
+    network state's locks (leases, gaps)."""
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise NetworkError(
+            f"cannot use {directory}: {e.strerror}; set state_dir in the config to a "
+            "writable local directory"
+        ) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class LeaseStore:
     """The leases of one node, under ``<state_dir>/network``."""
 
@@ -95,21 +114,8 @@ class LeaseStore:
         self.dir = os.path.join(state_dir, "network")
         self.leases_dir = os.path.join(self.dir, "leases")
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            os.makedirs(self.leases_dir, mode=0o755, exist_ok=True)
-            fd = os.open(os.path.join(self.dir, "leases.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise NetworkError(
-                f"cannot use the lease directory {self.leases_dir}: {e.strerror}; set "
-                "state_dir in the config to a writable local directory"
-            ) from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return locked_dir(self.leases_dir, os.path.join(self.dir, "leases.lock"))
 
     def _taken(self) -> dict[int, str]:
         return {i: _read(os.path.join(self.leases_dir, str(i))) for i in self._indexes()}

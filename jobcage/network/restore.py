@@ -23,7 +23,6 @@ timer. Fail closed: a cage whose rules cannot be put back has its veth set down.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import JobCageError, NetworkError, RulesGoneError
 from ..ids import netns_name, validate_job_id, veth_names
 from . import netns
+from .addresses import locked_dir
 from .firewall import open_firewall
 
 if TYPE_CHECKING:
@@ -47,21 +47,8 @@ class GapStore:
     def _path(self, job_id: str) -> str:
         return os.path.join(self.dir, validate_job_id(job_id))
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        try:
-            os.makedirs(self.dir, mode=0o755, exist_ok=True)
-            fd = os.open(self.dir + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise NetworkError(
-                f"cannot use {self.dir}: {e.strerror}; set state_dir in the config to a "
-                "writable local directory"
-            ) from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return locked_dir(self.dir, self.dir + ".lock")
 
     def read(self, job_id: str) -> tuple[int, float | None]:
         """(gaps, since when the counts run) of a cage; (0, None) if it never had one."""
