@@ -348,3 +348,15 @@ def test_upload_is_refused_per_file(world, tmp_path):
 def test_bad_arguments_print_usage_and_fail(argv, capsys):
     assert plugin.main(argv) == 1
     assert "usage:" in capsys.readouterr().err
+
+
+def test_without_the_classad_library_one_line_says_which_extra(monkeypatch, capsys):
+    for name in classads.MODULE_NAMES:
+        monkeypatch.setitem(sys.modules, name, None)
+    classads.module.cache_clear()
+    try:
+        assert plugin.main(["-classad"]) == 1
+    finally:
+        classads.module.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install jobcage[condor]" in err

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from .. import classads
-from ..errors import ClassAdError, TransferError
+from ..errors import ClassAdError, JobCageError, TransferError
 from . import qcow, urls
 
 Value = bool | int | float | str
@@ -134,7 +134,14 @@ def run_list(infile: str, outfile: str, upload: bool, scratch: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv), stdout)
+    except JobCageError as e:  # the ClassAd library is missing: no ad can be written
+        print(f"jobcage-transfer-plugin: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _main(args: list[str], stdout: TextIO | None) -> int:
     out = stdout or sys.stdout
     if args == ["-classad"]:
         # old format, as HTCondor's own plugins print it: the starter reads it as such
