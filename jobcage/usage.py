@@ -42,6 +42,16 @@ class Usage:
     net_counts_gaps: int | None = None
     # When the net_* counts start (Unix time) after such a gap; None when whole.
     net_counted_since_unix: float | None = None
+    # The IPv6 share of the four classes above (they are the sums of both families);
+    # None when the cage had no IPv6 (ipv6 off, or IPv6 disabled on the node).
+    net_ipv6_lan_rx_bytes: int | None = None
+    net_ipv6_lan_tx_bytes: int | None = None
+    net_ipv6_wan_rx_bytes: int | None = None
+    net_ipv6_wan_tx_bytes: int | None = None
+    net_ipv6_lan_rx_packets: int | None = None
+    net_ipv6_lan_tx_packets: int | None = None
+    net_ipv6_wan_rx_packets: int | None = None
+    net_ipv6_wan_tx_packets: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

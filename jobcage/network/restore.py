@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -32,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import JobCageError, NetworkError, RulesGoneError
 from ..ids import netns_name, validate_job_id, veth_names
 from . import netns
-from .addresses import locked_dir
-from .firewall import open_firewall
+from .addresses import locked_file
+from .firewall import Firewall, open_firewall
+from .firewall.policy import CagePlan
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -48,7 +50,7 @@ class GapStore:
         return os.path.join(self.dir, validate_job_id(job_id))
 
     def locked(self) -> contextlib.AbstractContextManager[None]:
-        return locked_dir(self.dir, self.dir + ".lock")
+        return locked_file(self.dir, self.dir + ".lock")
 
     def read(self, job_id: str) -> tuple[int, float | None]:
         """(gaps, since when the counts run) of a cage; (0, None) if it never had one."""
@@ -83,18 +85,23 @@ class GapStore:
 
 
 def restore_cage_rules(cage: NetworkCage, uplink: Callable[[], str]) -> bool:
-    """Put ``cage``'s rules back if they are gone, and count a gap; True if this call
-    did. Fail closed: rules that cannot be put back leave its veth down, and raise."""
-    firewall = open_firewall(cage.firewall_backend)
+    """Put ``cage``'s rules back (of each family it has) if they are gone, and count a
+    gap; True if this call did. Fail closed: rules that cannot be put back leave its
+    veth down, and raise."""
+    from . import ipv6
+
+    parts = [(open_firewall(cage.firewall_backend), cage.plan, cage.pool, uplink)]
+    if cage.ipv6 is not None and cage.plan6 is not None:
+        uplink6 = lambda: cage.uplink or netns.default_route_interface(socket.AF_INET6)  # noqa: E731
+        parts.append((ipv6.firewall(), cage.plan6, cage.ipv6.pool, uplink6))
     gaps = GapStore(cage.state_dir)
     with gaps.locked():
-        try:
-            firewall.counters(cage.plan)
+        gone = [part for part in parts if _gone(*part[:2])]
+        if not gone:
             return False  # another process put them back meanwhile
-        except RulesGoneError:
-            pass
         try:
-            firewall.restore(cage.plan, cage.pool, uplink)
+            for firewall, plan, pool, up in gone:
+                firewall.restore(plan, pool, up)
         except BaseException as e:
             try:
                 netns.set_link_down(cage.host_veth)
@@ -109,11 +116,20 @@ def restore_cage_rules(cage: NetworkCage, uplink: Callable[[], str]) -> bool:
     return True
 
 
+def _gone(firewall: Firewall, plan: CagePlan) -> bool:
+    try:
+        firewall.counters(plan)
+    except RulesGoneError:
+        return True
+    return False
+
+
 def restore_lost(config: Config) -> tuple[list[str], list[str]]:
     """Put back the rules of every cage of the state dir whose rules are gone: the
     command for a site's firewall-reload hook (`jobcage reap` runs it). Returns (job
     ids restored, errors). A record is input: only a cage whose names are the ones
     JobCage derives from its job id, and whose netns is there, is touched."""
+    from . import ipv6
     from .cage import NetworkCage, _uplink
 
     cages = []
@@ -131,6 +147,8 @@ def restore_lost(config: Config) -> tuple[list[str], list[str]]:
         mine = [c for c in cages if c.firewall_backend == backend]
         try:
             found = open_firewall(backend).counters_many([c.plan for c in mine])
+            # Dual-stack cages: None where either family's rules are gone.
+            found = ipv6.with_ipv6(found, [c.plan6 for c in mine if c.plan6 is not None])
         except JobCageError as e:
             errors.append(f"reading the {backend} counters: {e}")
             continue

@@ -78,6 +78,16 @@ class NetCounters:
     net_lan_tx_packets: int | None = 0
     net_wan_rx_packets: int | None = 0
     net_wan_tx_packets: int | None = 0
+    # The IPv6 share of each figure above (which are the sums of both families); None
+    # for a cage without IPv6, so a bill never shows a made-up 0.
+    net_ipv6_lan_rx_bytes: int | None = dataclasses.field(default=None)
+    net_ipv6_lan_tx_bytes: int | None = dataclasses.field(default=None)
+    net_ipv6_wan_rx_bytes: int | None = dataclasses.field(default=None)
+    net_ipv6_wan_tx_bytes: int | None = dataclasses.field(default=None)
+    net_ipv6_lan_rx_packets: int | None = dataclasses.field(default=None)
+    net_ipv6_lan_tx_packets: int | None = dataclasses.field(default=None)
+    net_ipv6_wan_rx_packets: int | None = dataclasses.field(default=None)
+    net_ipv6_wan_tx_packets: int | None = dataclasses.field(default=None)
     # How often the cage's rules were found gone (`nft flush ruleset`, a firewall
     # reload) and put back: the counts miss what passed meanwhile. 0: they are whole.
     net_counts_gaps: int = 0
@@ -87,14 +97,26 @@ class NetCounters:
 
     def __add__(self, other: NetCounters) -> NetCounters:
         def add(a: int | None, b: int | None) -> int | None:
+            # A billed figure lost on either side is lost.
             return None if a is None or b is None else a + b
+
+        def plus(a: int | None, b: int | None) -> int | None:
+            # An IPv6 share: None only when neither side had IPv6.
+            return None if a is None and b is None else (a or 0) + (b or 0)
 
         since = [t for t in (self.net_counted_since_unix, other.net_counted_since_unix) if t]
         return NetCounters(
-            **{name: add(getattr(self, name), getattr(other, name)) for name in TRAFFIC_FIELDS},
+            **{name: add(getattr(self, name), getattr(other, name)) for name in BILLED_FIELDS},
+            **{name: plus(getattr(self, name), getattr(other, name)) for name in IPV6_FIELDS},
             net_counts_gaps=self.net_counts_gaps + other.net_counts_gaps,
             net_counted_since_unix=max(since) if since else None,
         )
+
+    def with_ipv6(self, ipv6: NetCounters) -> NetCounters:
+        """These (IPv4) counters plus ``ipv6``'s: the sums, and the IPv6 share."""
+        total = {name: getattr(self, name) + getattr(ipv6, name) for name in BILLED_FIELDS}
+        share = {f"net_ipv6_{name[4:]}": getattr(ipv6, name) for name in BILLED_FIELDS}
+        return NetCounters(**total, **share)
 
     def with_gaps(self, gaps: int, since: float | None) -> NetCounters:
         return dataclasses.replace(self, net_counts_gaps=gaps, net_counted_since_unix=since)
@@ -103,16 +125,16 @@ class NetCounters:
     def lost(cls, gaps: int, since: float) -> NetCounters:
         """Counts that could not be read: every traffic figure None, never a made-up 0."""
         return cls(
-            **dict.fromkeys(TRAFFIC_FIELDS), net_counts_gaps=gaps, net_counted_since_unix=since
+            **dict.fromkeys(BILLED_FIELDS), net_counts_gaps=gaps, net_counted_since_unix=since
         )
 
 
-TRAFFIC_FIELDS = tuple(
-    f"net_{where}_{way}_{unit}"
+BILLED_FIELDS = tuple(
+    f"net_{cls}_{unit}"
     for unit in ("bytes", "packets")
-    for where in ("lan", "wan")
-    for way in ("rx", "tx")
+    for cls in ("lan_rx", "lan_tx", "wan_rx", "wan_tx")
 )
+IPV6_FIELDS = tuple(f"net_ipv6_{name[4:]}" for name in BILLED_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -283,13 +305,14 @@ def cage_plan(
     allow_node_access: bool,
     state_dir: str | None = None,
 ) -> CagePlan:
-    pool = str(ipaddress.IPv4Network(pool))
+    # Either family: a dual-stack cage has a plan of each (the IPv6 one for nftables).
+    pool = str(ipaddress.ip_network(pool))
     return CagePlan(
         cage_hash=cage_hash,
         host_veth=host_veth,
         address=str(address),
         pool=pool,
-        campus_networks=tuple(str(ipaddress.IPv4Network(n)) for n in campus_networks),
+        campus_networks=tuple(str(ipaddress.ip_network(n)) for n in campus_networks),
         allow_node_access=allow_node_access,
         owner=installation_owner(pool, state_dir) if state_dir else "",
     )
