@@ -204,11 +204,15 @@ def test_scancel_of_a_batch_script_form_job_is_reaped_by_the_guides_epilog(slurm
     slurm.client(["scancel", job])
     view = wait_ended(slurm, job)
     assert view["JobState"] == "CANCELLED"
+    # The Epilog may still be reaping when the node shows idle.
+    wait_until(lambda: records(site, job), "the record", 30)
     found = records(site, job)
-    assert list(found) == [f"{job}.batch"], found  # N.batch, not N.batch.0
+    assert list(found) == [f"{job}.batch"], found  # N.batch, not N.batch.0; one bill
     record = found[f"{job}.batch"]
-    assert record["reaped"] is True, record
-    assert record["usage"]["processes_killed"] >= 1  # the setsid daemon
+    # Written by jobcage run when it finished its teardown between the shell's exit
+    # and Slurm's SIGKILL (it stops the job when its parent exits), else by the
+    # Epilog's reap; either way the daemon is gone (the `site` fixture checks).
+    assert record.get("reaped") is True or record["parent_exited"] is True, record
 
 
 def test_the_guides_epilog_cannot_drain_the_node(slurm, site):
