@@ -366,5 +366,7 @@ def running_slurm(world: NetWorld, **kwargs) -> Iterator[Slurm]:
     try:
         yield slurm.start()
     finally:
-        slurm.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+        try:
+            slurm.stop()
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
