@@ -19,7 +19,7 @@ from jobcage import JobCage
 from jobcage.network import NetworkCage
 
 from .common import measure_interleaved, ratio
-from .datapath import iperf
+from .datapath import accuracy_row, iperf
 from .scale import Crowd
 from .world import Node, networld
 
@@ -117,16 +117,7 @@ def accuracy(cage: NetworkCage, seconds: int) -> list[dict]:
         field = f"net_ipv6_{cls}_bytes"
         before = getattr(cage.counters(), field)
         payload = iperf(cage.netns_path, host, seconds, reverse)["bytes"]
-        counted = getattr(cage.counters(), field) - before
-        rows.append(
-            {
-                "tool": tool,
-                "class": cls,
-                "payload_bytes": payload,
-                "counted_bytes": counted,
-                "counted_vs_payload": round(counted / payload, 5) if payload else None,
-            }
-        )
+        rows.append(accuracy_row(tool, cls, payload, getattr(cage.counters(), field) - before))
     return rows
 
 
