@@ -121,14 +121,13 @@ def accuracy(cage: NetworkCage, seconds: int) -> list[dict]:
     return rows
 
 
+TITLE = "### IPv6 (dual-stack cages, nftables)"
+LIFECYCLE_HEAD = "| lifecycle, ms | median | p95 | dual-stack / IPv4-only |\n|---|---|---|---|"
+
+
 def markdown(figures: dict) -> list[str]:
     dp = figures["datapath"]
-    lines = [
-        "### IPv6 (dual-stack cages, nftables)",
-        "",
-        "| lifecycle, ms | median | p95 | dual-stack / IPv4-only |",
-        "|---|---|---|---|",
-    ]
+    lines = [TITLE, "", *LIFECYCLE_HEAD.splitlines()]
     for where, lc in (
         ("idle node", figures["lifecycle"]),
         ("one cage of each resident", figures["lifecycle_resident"]),
