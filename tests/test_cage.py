@@ -404,17 +404,18 @@ def test_v2_freeze_kill_and_cpu_stat(cage_config_v2):
 @pytest.mark.root
 @pytest.mark.parametrize("cpus", [0.5, "0.25"])
 def test_cpu_limit_throttles_the_job_and_the_record_says_so(cage_config, cpus):
-    """Two busy threads under a limit of ``cpus``: the kernel throttles them, CPU time
-    stays near the quota, and the record carries the limit and the throttling."""
+    """Two busy processes (wanting two CPUs) under a limit of ``cpus``: the kernel
+    throttles them, CPU time stays near the quota, and the record carries the limit
+    and the throttling. Each spins for CPU time, not wall time, so a loaded machine
+    only makes the test longer."""
     burner = textwrap.dedent("""
-        import threading, time
-        def spin():
-            end = time.monotonic() + 0.6
-            while time.monotonic() < end:
-                pass
-        threads = [threading.Thread(target=spin) for _ in range(2)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
+        import os, time
+        pid = os.fork()
+        end = time.process_time() + 0.15
+        while time.process_time() < end:
+            pass
+        if pid:
+            os.waitpid(pid, 0)
     """)
     with JobCage(unique("cpu"), cpu_limit=cpus, config=cage_config) as cage:
         cage.spawn([sys.executable, "-c", burner]).wait()
