@@ -30,6 +30,7 @@ from . import netns, resolv
 from .addresses import AddressPool, LeaseStore
 from .firewall import (
     CAGE,
+    IPTABLES_LEGACY,
     Firewall,
     FirewallObject,
     all_firewalls,
@@ -72,7 +73,7 @@ class NetworkCage:
     resolv_conf_path: str | None = None
     # Which backend holds the rules: fixed at create, kept in the record, so that a
     # changed config never makes JobCage look for a cage's rules in the wrong place.
-    firewall_backend: str = "iptables-legacy"
+    firewall_backend: str = IPTABLES_LEGACY
     _final: NetCounters | None = field(default=None, repr=False)
     _destroyed: bool = field(default=False, repr=False)
 
@@ -316,12 +317,13 @@ class NetworkCage:
                 state_dir=record.get("state_dir")
                 or (config.state_dir if config is not None else ""),
                 resolv_conf_path=record.get("resolv_conf_path"),
-                firewall_backend=record.get("firewall", "iptables-legacy"),
+                firewall_backend=record.get("firewall", IPTABLES_LEGACY),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise NetworkError(
                 f"the network part of a cage record is unreadable ({e!r}); remove the cage "
-                "by hand: `ip netns del jobcage-<id>` and its JC-<hash>-* iptables chains"
+                "by hand: `ip netns del jobcage-<id>` and its JC-<hash>-* rules (the counters "
+                "of `nft list table ip jobcage`, or the chains of `iptables-legacy-save`)"
             ) from None
 
 
