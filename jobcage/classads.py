@@ -44,17 +44,26 @@ def module() -> ModuleType:
     )
 
 
-def new_ad(attributes: Mapping[str, bool | int | float | str] | None = None) -> ClassAd:
-    """A ClassAd holding ``attributes`` as literals."""
+def new_ad(attributes: Mapping[str, Any] | None = None) -> ClassAd:
+    """A ClassAd holding ``attributes`` as literals: bool, int, float, str, and lists
+    and mappings (nested ads) of those."""
     ad = module().ClassAd()
     for name, value in (attributes or {}).items():
-        if not isinstance(value, bool | int | float | str):
-            raise ClassAdError(
-                f"attribute {name!r}: {type(value).__name__} {value!r} is not a ClassAd "
-                "literal; give a bool, int, float or str"
-            )
-        ad[name] = value
+        ad[name] = _literal(name, value)
     return ad
+
+
+def _literal(name: str, value: Any) -> Any:
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return new_ad(value)
+    if isinstance(value, list | tuple):
+        return [_literal(name, item) for item in value]
+    raise ClassAdError(
+        f"attribute {name!r}: {type(value).__name__} {value!r} is not a ClassAd literal; "
+        "give a bool, int, float, str, or a list or mapping of those"
+    )
 
 
 def parse_ad(text: str) -> ClassAd:

@@ -87,7 +87,15 @@ class ClassAdError(JobCageError, ValueError):
 
 
 class TransferError(JobCageError):
-    pass
+    """``kind`` is the error type HTCondor's plugin protocol knows (TransferErrorData):
+    "Parameter" (the request cannot be done: bad path, outside the scratch directory),
+    "Specification" (the named base image is missing or unusable), "Transfer" (the
+    instance could not be written: ``no_space`` when the scratch directory is full)."""
+
+    def __init__(self, message: str, kind: str = "Parameter", no_space: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.no_space = no_space
 
 
 class FetchError(JobCageError):

@@ -487,10 +487,10 @@ def _remove_network_orphan(orphan: Any, config: Config, cage: ReapedCage) -> Non
         if remover is not None:
             remover(orphan, config)
         elif orphan.kind == "netns":
-            from .network import netns
+            from .network import netns, resolv
 
             netns.remove(orphan.name)
-            netns.remove_resolv_conf(orphan.name)
+            resolv.remove_resolv_conf(orphan.name)
         elif orphan.kind == "lease":
             from .network.addresses import AddressPool, LeaseStore
 

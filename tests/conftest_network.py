@@ -19,7 +19,8 @@ import pytest
 
 from jobcage.config import Config
 from jobcage.network import hooks
-from jobcage.network.netns import NETNS_ETC_DIR, is_cage_veth
+from jobcage.network.netns import is_cage_veth
+from jobcage.network.resolv import NETNS_ETC_DIR
 from jobcage.testing import networld as world_mod
 from jobcage.testing.networld import NetWorld
 

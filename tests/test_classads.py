@@ -101,8 +101,18 @@ def test_printed_ads_parse_back_with_awkward_strings():
 
 
 def test_new_ad_refuses_non_literals():
-    with pytest.raises(ClassAdError, match="list"):
-        classads.new_ad({"x": [1]})
+    with pytest.raises(ClassAdError, match="set"):
+        classads.new_ad({"x": {1}})
+    with pytest.raises(ClassAdError, match="NoneType"):
+        classads.new_ad({"x": [None]})
+
+
+def test_nested_lists_and_ads_round_trip():
+    ad = classads.new_ad({"Errors": [{"ErrorType": "Parameter", "ErrorCode": 2}], "L": [1, "a"]})
+    back = classads.parse_ad(classads.print_ad(ad))
+    (error,) = classads.evaluate(back, "Errors")
+    assert classads.evaluate(error, "ErrorType") == "Parameter"
+    assert classads.evaluate(back, "L") == [1, "a"]
 
 
 def test_integers_are_not_mistaken_for_the_error_and_undefined_markers():

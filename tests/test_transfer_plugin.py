@@ -147,25 +147,33 @@ def test_base_on_read_only_storage(world):
 
 @pytest.mark.root
 @pytest.mark.skipif(not IS_ROOT, reason="a small tmpfs needs root")
-def test_full_scratch_leaves_nothing_half_made(world):
+def test_full_scratch_leaves_nothing_half_made(world, tmp_path):
     shared, scratch = world
     base = make_base(shared / "base.raw", "raw")
+    infile, outfile = tmp_path / "in.ads", tmp_path / "out.ads"  # outside the tmpfs
+    write_list(infile, [(f"cow://{base}", f"{scratch}/disk.qcow2")])
     script = """
-        mount -t tmpfs -o size=96k jobcage-test "$2"
+        mount -t tmpfs -o size=96k jobcage-test "$1"
         set +e
-        _CONDOR_SCRATCH_DIR="$2" "$3" "cow://$1" "$2/disk.qcow2"
+        _CONDOR_SCRATCH_DIR="$1" "$2" -infile "$3" -outfile "$4"
         echo "rc=$?"
-        ls -A "$2"
+        ls -A "$1"
     """
-    done = run_as_root_in_private_mounts(script, str(base), str(scratch), PLUGIN)
+    done = run_as_root_in_private_mounts(script, str(scratch), PLUGIN, str(infile), str(outfile))
     assert done.stdout.splitlines() == ["rc=1"], done.stdout + done.stderr  # and no file
-    assert "No space left on device" in done.stderr
+    (result,) = classads.read_ads(str(outfile))
+    assert "No space left on device" in classads.evaluate(result, "TransferError")
+    (data,) = classads.evaluate(result, "TransferErrorData")
+    assert classads.evaluate(data, "ErrorType") == "Transfer"
+    assert classads.evaluate(data, "FailureType") == "NoSpace"
 
 
-def refused(url: str, dest: Path | str, match: str) -> None:
+def refused(url: str, dest: Path | str, match: str, kind: str = "Parameter") -> None:
     result = plugin.transfer_one(url, str(dest), os.environ["_CONDOR_SCRATCH_DIR"])
     assert result["TransferSuccess"] is False
     assert match in result["TransferError"], result["TransferError"]
+    (data,) = result["TransferErrorData"]  # HTCondor's structured twin of the message
+    assert (data["ErrorType"], data["ErrorString"]) == (kind, result["TransferError"])
 
 
 def test_refusals_each_say_why(world, tmp_path):
@@ -190,10 +198,12 @@ def test_refusals_each_say_why(world, tmp_path):
     refused(f"cow://{base}", scratch / "escape" / "disk.qcow2", "outside the job's scratch")
     refused(f"cow://{base}", scratch / "nodir" / "disk.qcow2", "cannot be opened")
     refused(f"cow://{base}", scratch / "adir", "is a directory")
-    refused(f"cow://{shared}/missing.raw", good, "No such file")
-    refused(f"cow://{shared}", good, "not a regular file")
-    refused(f"cow://{shared}/guess.qcow2", good, "without a recorded backing format")
-    refused(f"cow://{shared}/orphan.qcow2", good, "gone.raw")
+    refused(f"cow://{shared}/missing.raw", good, "No such file", "Specification")
+    refused(f"cow://{shared}", good, "not a regular file", "Specification")
+    refused(
+        f"cow://{shared}/guess.qcow2", good, "without a recorded backing format", "Specification"
+    )
+    refused(f"cow://{shared}/orphan.qcow2", good, "gone.raw", "Specification")
     assert sorted(p.name for p in scratch.iterdir()) == ["adir", "escape"]
     assert list(outside.iterdir()) == []
 
@@ -261,6 +271,7 @@ def test_capability_ad_through_the_installed_entry_point():
     assert classads.evaluate(ad, "MultipleFileSupport") is True
     assert set(classads.evaluate(ad, "SupportedMethods").split(",")) == {"cow", "nfs"}
     assert classads.evaluate(ad, "PluginVersion") == plugin.PLUGIN_VERSION
+    assert classads.evaluate(ad, "ProtocolVersion") == 2
 
 
 def write_list(path: Path, entries: list[tuple[str, str]]) -> None:
@@ -302,9 +313,12 @@ def test_transfer_list_all_good_exits_zero(world, tmp_path):
     base = make_base(shared / "a.raw", "raw")
     infile, outfile = tmp_path / "in.ads", tmp_path / "out.ads"
     write_list(infile, [(f"cow://{base}", f"{scratch}/{n}.qcow2") for n in ("x", "y")])
+    outfile.write_bytes(b"x" * 65536)  # HTCondor pre-allocates OUT: it must not shrink
     assert plugin.main(["-infile", str(infile), "-outfile", str(outfile)]) == 0
-    results = classads.read_ads(str(outfile))
+    assert outfile.stat().st_size == 65536
+    results = classads.read_ads(str(outfile))  # what was past our ads is blank now
     assert [classads.evaluate(r, "TransferSuccess") for r in results] == [True, True]
+    assert all(classads.evaluate(r, "TransferErrorData") is None for r in results)
 
 
 def test_malformed_transfer_list_writes_one_error_ad(world, tmp_path):
@@ -334,3 +348,15 @@ def test_upload_is_refused_per_file(world, tmp_path):
 def test_bad_arguments_print_usage_and_fail(argv, capsys):
     assert plugin.main(argv) == 1
     assert "usage:" in capsys.readouterr().err
+
+
+def test_without_the_classad_library_one_line_says_which_extra(monkeypatch, capsys):
+    for name in classads.MODULE_NAMES:
+        monkeypatch.setitem(sys.modules, name, None)
+    classads.module.cache_clear()
+    try:
+        assert plugin.main(["-classad"]) == 1
+    finally:
+        classads.module.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install jobcage[condor]" in err

@@ -21,6 +21,7 @@ Invariants, each one a refusal with a :class:`TransferError` that says what to f
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -133,7 +134,11 @@ def create_instance(base: str, dest: str, scratch: str) -> Instance:
     name = os.path.basename(dest)
     if not name or name in {".", ".."}:
         raise TransferError(f"destination {dest!r} names no file")
-    info = check_chain(base)
+    try:
+        info = check_chain(base)
+    except TransferError as e:
+        e.kind = "Specification"  # the base the job named is missing or unusable
+        raise
     real_base = os.path.realpath(base)
     dir_fd = _open_dest_dir(os.path.dirname(dest), scratch)
     try:
@@ -230,5 +235,7 @@ def _run(argv: list[str], doing: str, pass_fds: tuple[int, ...] = ()) -> str:
         ) from None
     if done.returncode != 0:
         detail = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
+        if os.strerror(errno.ENOSPC) in detail:
+            raise TransferError(f"qemu-img could not {doing}: {detail}", "Transfer", True)
         raise TransferError(f"qemu-img could not {doing}: {detail}")
     return done.stdout

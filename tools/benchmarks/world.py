@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from jobcage.config import Config
-from jobcage.network import hooks, netns
+from jobcage.network import hooks, netns, resolv
 from jobcage.network.netns import NETNS_RUN_DIR
 from jobcage.testing import networld
 from jobcage.testing.networld import NetWorld
@@ -77,4 +77,4 @@ def _remove_leftovers(tag: str) -> None:
             with contextlib.suppress(OSError):
                 netns.remove(name)
             with contextlib.suppress(OSError):
-                netns.remove_resolv_conf(name)
+                resolv.remove_resolv_conf(name)

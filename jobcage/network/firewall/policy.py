@@ -1,7 +1,7 @@
 """The rule layout of the network cages, as plain data: what to install, and which
 counters mean what. No kernel calls here, so it is unit-tested without root.
 
-This is the x_tables layout, and the policy: the nftables backend (:mod:`.nftables`)
+This is the x_tables layout, and the policy: the nftables backend (:mod:`.nftables_layout`)
 lays the same policy and classes out as shared rules over per-cage set elements.
 
 Layout (filter table; ``jc+`` matches every cage's node-side veth)::
@@ -37,8 +37,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from ..ids import VETH_PREFIX
+from ...errors import ConfigError
+from ...ids import VETH_PREFIX
 
 # Shared chains, made with the first cage on a node and removed with the last.
 FWD_TX_CHAIN = "JOBCAGE-FWD-TX"
@@ -52,6 +52,12 @@ SHARED_PREFIX = "JOBCAGE-"
 # x_tables.h), these take 19.
 CAGE_CHAIN_PREFIX = "JC-"
 VETH_WILDCARD = VETH_PREFIX + "+"
+
+
+def cage_hash_of(name: str) -> str:
+    """The cage hash in a per-cage name (``JC-<hash>-...``: a chain, a counter)."""
+    return name[len(CAGE_CHAIN_PREFIX) :].split("-", 1)[0]
+
 
 # Which class a counting rule adds to.
 LAN_TX, LAN_RX, WAN_TX, WAN_RX = "lan_tx", "lan_rx", "wan_tx", "wan_rx"
