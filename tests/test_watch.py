@@ -164,9 +164,7 @@ def _escape_job(cage: JobCage, then: str) -> list[str]:
 @pytest.mark.parametrize("then", ["exec sleep 60", "read x"], ids=["exec", "quiet"])
 def test_root_job_moving_out_of_its_cage_is_killed_and_recorded(cage_config, then):
     with JobCage(unique("w"), config=cage_config, watch=True) as cage:
-        proc = cage.spawn(
-            _escape_job(cage, then), stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
+        proc = cage.spawn(_escape_job(cage, then), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert proc.stdout.readline() == b"out\n"
         assert proc.pid not in cage.pids()  # really outside: the cage cannot kill it
         assert proc.wait(timeout=10) == -9  # the watcher did
