@@ -54,7 +54,7 @@ class Usage:
     net_ipv6_wan_tx_packets: int | None = None
     # From the proc-connector watcher (docs/watch.md); all None when no watcher ran.
     # events_lost counts what the kernel dropped while the cage was watched (the
-    # figures above are then lower bounds); detections are the watcher's JSON records.
+    # three counts are then lower bounds); detections are the watcher's JSON records.
     processes_started: int | None = None
     execs: int | None = None
     max_processes: int | None = None
