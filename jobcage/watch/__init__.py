@@ -2,17 +2,22 @@
 
 Layout: ``events.py`` (the socket and its decoding), ``table.py`` (trees of processes),
 ``membership.py`` (cgroups and /proc as the truth), ``detect.py`` (kinds, actions),
-``watcher.py`` (the loop tying them), ``settings.py`` (config to typed settings).
+``watcher.py`` (the loop tying them), ``settings.py`` (config to typed settings),
+``daemon.py`` and ``metrics.py`` (`jobcage watch`), ``command.py`` (its CLI part).
+
+Names are imported on first use: pyroute2 costs about 0.2 s to import, which `jobcage
+run` and the other commands must not pay when no watcher runs.
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
+from typing import TYPE_CHECKING, Any
 
-from .detect import ACTIONS, KINDS, Policy
-from .events import EventSource, Loss, ProcEvent
-from .settings import WatchSettings
-from .watcher import Watcher, json_lines
+if TYPE_CHECKING:
+    from .settings import WatchSettings
+    from .watcher import Watcher
 
 __all__ = [
     "ACTIONS",
@@ -27,6 +32,26 @@ __all__ = [
     "json_lines",
     "release",
 ]
+
+_LAZY = {
+    "ACTIONS": "detect",
+    "KINDS": "detect",
+    "Policy": "detect",
+    "EventSource": "events",
+    "Loss": "events",
+    "ProcEvent": "events",
+    "WatchSettings": "settings",
+    "Watcher": "watcher",
+    "json_lines": "watcher",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
 
 _lock = threading.Lock()
 _shared: Watcher | None = None

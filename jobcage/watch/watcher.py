@@ -388,6 +388,11 @@ class Watcher:
             for tree in list(self.table.trees.values()):
                 if not tree.policed:
                     self._sweep_cage(tree)
+                elif not tree.procs:  # the daemon and all it started are gone
+                    summary = self.summary(tree)
+                    self.table.remove_tree(tree.job_id)
+                    summary["detections"] = len(summary["detections"])
+                    self._emit({"type": "summary", "job_id": tree.job_id, **summary})
 
     def _sweep_cage(self, tree: Tree) -> None:
         every, anywhere = membership.members(tree.cgroup_dirs)
