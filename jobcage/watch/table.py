@@ -46,6 +46,7 @@ class Tree:
     job_uid: int | None = None  # the uid the job started as (privilege change baseline)
     procs: dict[int, Proc] = field(default_factory=dict)
     processes_started: int = 0
+    forks_seen: int = 0  # fork events seen (processes_started also counts scans)
     execs: int = 0
     max_processes: int = 0
     resyncs: int = 0
@@ -115,6 +116,7 @@ class ProcessTable:
         tree = self.owner.get(child.ppid)
         if tree is None:
             return None
+        tree.forks_seen += 1
         if child.pid in tree.procs:
             return tree  # a sweep or resync found it first and counted it then
         parent = tree.procs[child.ppid]
