@@ -285,6 +285,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             job_id = job_id or condor.job_id
             if args.memory is None and condor.memory_limit_bytes is not None:
                 config = config.replace(memory_limit=condor.memory_limit_bytes)
+            if args.cpus is None and condor.cpu_limit is not None:
+                config = config.replace(cpu_limit=condor.cpu_limit)
             if usage_file is None and condor.scratch_dir:
                 usage_file = f"{condor.scratch_dir}/{batch.CONDOR_USAGE_FILE}"
             if args.grace is None:
