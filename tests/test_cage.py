@@ -403,16 +403,17 @@ def test_v2_freeze_kill_and_cpu_stat(cage_config_v2):
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("cpus", [0.5, "0.25"])
+@pytest.mark.parametrize("cpus", [0.1, "0.05"])
 def test_cpu_limit_throttles_the_job_and_the_record_says_so(cage_config, cpus):
     """Two busy processes (wanting two CPUs) under a limit of ``cpus``: the kernel
     throttles them, CPU time stays near the quota, and the record carries the limit
     and the throttling. Each spins for CPU time, not wall time, so a loaded machine
-    only makes the test longer."""
+    only makes the test longer, and the limits are small enough that a busy shared
+    machine still gives the job more than its quota in a period."""
     burner = textwrap.dedent("""
         import os, time
         pid = os.fork()
-        end = time.process_time() + 0.15
+        end = time.process_time() + 0.04
         while time.process_time() < end:
             pass
         if pid:
