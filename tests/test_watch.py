@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from jobcage.watch import Policy, Watcher, WatchSettings
 from jobcage.watch.detect import record
 from jobcage.watch.table import Proc, ProcessTable, Tree
 
+from .cli_support import wait_exit
 from .conftest import unique
 
 NOBODY = 65534
@@ -37,18 +37,6 @@ def wait_for(predicate, timeout: float = 10.0):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.01)
-
-
-def wait_exit(pid: int, timeout: float = 10.0) -> bool:
-    """Until ``pid`` is gone (its pidfd becomes readable); False on timeout."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
 
 
 def job(code: str) -> list[str]:

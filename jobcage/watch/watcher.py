@@ -462,12 +462,7 @@ class Watcher:
             {
                 "type": "event",
                 "kind": ev.kind,
-                "job_id": tree.job_id,
-                "pid": proc.pid,
-                "ppid": proc.ppid,
-                "uid": proc.uid,
-                "exe": proc.exe,
-                "comm": proc.comm,
+                **detect.process_fields(tree, proc),
                 "time": round(time.time(), 6),
                 **extra,
             }
