@@ -187,7 +187,7 @@ class Watcher:
             proc = membership.describe(pid) or pending.proc
             proc.ppid = pending.proc.ppid
             if tree.job_uid is None:
-                tree.job_uid = proc.uid
+                tree.job_uid = proc.ruid if proc.ruid is not None else proc.uid
             self.table.add(tree, proc)
             self._check_privilege(tree, proc)
 
@@ -339,7 +339,7 @@ class Watcher:
         if proc is None:
             return None
         if tree.job_uid is None:
-            tree.job_uid = proc.uid
+            tree.job_uid = proc.ruid if proc.ruid is not None else proc.uid
         self.table.add(tree, proc)
         self._check_privilege(tree, proc)
         return proc
