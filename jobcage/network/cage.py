@@ -124,7 +124,7 @@ class NetworkCage:
             )
         host_veth, _ = veth_names(job_id)
         firewall_backend = resolve_firewall(config.firewall)  # may refuse: before the lease
-        v6 = ipv6_mod.settings(config, campus6, firewall_backend)  # likewise
+        v6 = ipv6_mod.settings(config, campus6, open_firewall(firewall_backend))  # likewise
         lease, first = LeaseStore(config.state_dir, pool).acquire(
             job_id, lambda lease: netns.address_held(lease.job)
         )
@@ -172,7 +172,7 @@ class NetworkCage:
             cage._firewall().install(cage.plan, cage.pool, lambda: _uplink(config.uplink))
             built["rules"] = True
             if cage.ipv6 is not None and cage.plan6 is not None:
-                ipv6_mod.install(cage.plan6, cage.ipv6, config)
+                ipv6_mod.install(cage.plan6, cage.ipv6, config, cage._firewall())
                 built["rules6"] = True
             text = resolv.plan_resolv_conf(
                 resolv.read_text(resolv.RESOLV_CONF) or "",
@@ -222,9 +222,12 @@ class NetworkCage:
         return found.with_gaps(*GapStore(self.state_dir).read(self.job_id))
 
     def _counters(self) -> NetCounters:
-        counters = self._firewall().counters(self.plan)
+        firewall = self._firewall()
+        counters = firewall.counters(self.plan)
         plan6 = self.plan6
-        return counters if plan6 is None else counters.with_ipv6(ipv6_mod.counters(plan6))
+        return (
+            counters if plan6 is None else counters.with_ipv6(ipv6_mod.counters(plan6, firewall))
+        )
 
     def restore_rules(self) -> bool:
         """Put the cage's rules back if they are gone, and count a gap; True if this
@@ -295,7 +298,7 @@ class NetworkCage:
             keeping_lease(lambda: firewall.remove(self.plan) if remove_rules else None),
             keeping_lease(
                 lambda: (
-                    ipv6_mod.remove(self.plan6, self.ipv6, self.state_dir)
+                    ipv6_mod.remove(self.plan6, self.ipv6, self.state_dir, self._firewall())
                     if remove_rules6 and self.plan6 is not None
                     else None
                 )
@@ -397,10 +400,11 @@ def read_counters(cages: Sequence[NetworkCage]) -> dict[str, NetCounters | None]
     live = [c for c in cages if not c._destroyed]
     found: dict[str, NetCounters | None] = {}
     for backend in sorted({c.firewall_backend for c in live}):
-        plans = [c.plan for c in live if c.firewall_backend == backend]
-        found.update(open_firewall(backend).counters_many(plans))
-    # A dual-stack cage's IPv6 counters are in ip6 jobcage: one more dump.
-    found = ipv6_mod.with_ipv6(found, [c.plan6 for c in live if c.plan6 is not None])
+        mine = [c for c in live if c.firewall_backend == backend]
+        firewall = open_firewall(backend)
+        found.update(firewall.counters_many([c.plan for c in mine]))
+        # A dual-stack cage's IPv6 counters are in ip6 jobcage: one more dump.
+        found = ipv6_mod.with_ipv6(found, [c.plan6 for c in mine if c.plan6 is not None], firewall)
     return {c.job_id: c._final if c._destroyed else found.get(c.host_veth) for c in cages}
 
 

@@ -105,10 +105,11 @@ def restore_cage_rules(cage: RestorableCage, uplink: Callable[[], str]) -> bool:
     """Put ``cage``'s rules back (of each family it has) if they are gone, and count a
     gap; True if this call did. Fail closed: rules that cannot be put back leave its
     veth down, and raise."""
-    parts = [(open_firewall(cage.firewall_backend), cage.plan, cage.pool, uplink)]
+    backend = open_firewall(cage.firewall_backend)
+    parts = [(backend, cage.plan, cage.pool, uplink)]
     if cage.ipv6 is not None and cage.plan6 is not None:
         uplink6 = lambda: cage.uplink or netns.default_route_interface(socket.AF_INET6)  # noqa: E731
-        parts.append((ipv6.firewall(), cage.plan6, cage.ipv6.pool, uplink6))
+        parts.append((ipv6.firewall(backend), cage.plan6, cage.ipv6.pool, uplink6))
     gaps = GapStore(cage.state_dir)
     with gaps.locked():
         if not os.path.exists(cage.netns_path):

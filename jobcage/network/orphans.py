@@ -120,7 +120,7 @@ def remove_orphan(orphan: Orphan, config: Config) -> None:
         kind = CAGE if orphan.kind == "chain" else orphan.kind
         found = FirewallObject(kind, orphan.name, orphan.table or "", orphan.cage)
         firewall = firewall_for_table(orphan.table)
-        if firewall.remove_orphan(found) and orphan.table == ipv6_mod.firewall().label:
+        if firewall.remove_orphan(found) and firewall.version == 6:
             # The node's last IPv6 cage was a dead owner's: its sysctls go back too.
             with ipv6_mod.locked(config.state_dir):
                 ipv6_mod.restore(config.state_dir)

@@ -37,9 +37,10 @@ def restore_lost(config: Config) -> tuple[list[str], list[str]]:
     for backend in sorted({c.firewall_backend for c in cages}):
         mine = [c for c in cages if c.firewall_backend == backend]
         try:
-            found = open_firewall(backend).counters_many([c.plan for c in mine])
+            firewall = open_firewall(backend)
+            found = firewall.counters_many([c.plan for c in mine])
             # Dual-stack cages: None where either family's rules are gone.
-            found = ipv6.with_ipv6(found, [c.plan6 for c in mine if c.plan6 is not None])
+            found = ipv6.with_ipv6(found, [c.plan6 for c in mine if c.plan6 is not None], firewall)
         except JobCageError as e:
             errors.append(f"reading the {backend} counters: {e}")
             continue

@@ -106,6 +106,11 @@ class IptablesLegacyFirewall(Firewall):
 
     name = "iptables-legacy"
     tables = ("filter", "nat")
+    ipv4_only = "the x_tables backend is IPv4 only (IPv6 cages are nftables-only)"
+    ipv6_refusal = (
+        'needs firewall = "nftables": IPv6 cages are nftables-only (docs/network.md); set '
+        'firewall = "nftables" (or "auto" on a kernel with nf_tables)'
+    )
 
     def _change(self) -> contextlib.AbstractContextManager[None]:
         hooks.check()
