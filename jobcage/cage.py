@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from .cgroups import CageCgroup, CgroupBackend, open_backend
-from .config import Config, load_config, parse_size
+from .config import Config, check_value, load_config
 from .errors import (
     CageStateError,
     ConfigError,
@@ -50,7 +50,11 @@ class State(enum.Enum):
 
 
 class JobCage:
-    """Contains one batch job and accounts for what it used. See DESIGN.md."""
+    """Contains one batch job and accounts for what it used (docs/cage.md).
+
+    Every argument is checked like the config key of the same name, before anything
+    is built: a bad one is a ConfigError naming it.
+    """
 
     def __init__(
         self,
@@ -59,27 +63,36 @@ class JobCage:
         memory_limit: str | int | None = None,
         pids_limit: int | None = None,
         network: bool = False,
-        campus_networks: Sequence[str] | None = None,
+        campus_networks: Sequence[str | ipaddress.IPv4Network] | None = None,
         config: Config | None = None,
     ) -> None:
         self.job_id = validate_job_id(job_id)
-        self.config = config if config is not None else load_config()
-        self.memory_limit = parse_size(
-            memory_limit if memory_limit is not None else self.config.memory_limit
-        )
-        self.pids_limit = pids_limit if pids_limit is not None else self.config.pids_limit
-        if self.pids_limit is not None and (
-            not isinstance(self.pids_limit, int) or self.pids_limit <= 0
-        ):
-            raise ConfigError(f"pids limit must be a positive integer, not {self.pids_limit!r}")
-        self.network = bool(network)
-        campus = campus_networks if campus_networks is not None else self.config.campus_networks
-        try:
-            self.campus_networks = tuple(str(ipaddress.IPv4Network(c)) for c in campus)
-        except ValueError as e:
+        if config is not None and not isinstance(config, Config):
             raise ConfigError(
-                f"bad campus network: {e}; give IPv4 CIDRs such as 129.93.0.0/16"
-            ) from None
+                f"JobCage argument: config = {type(config).__name__} is not valid; expected "
+                "a jobcage.Config (or None: load_config())"
+            )
+        if not isinstance(network, bool):
+            raise ConfigError(
+                f"JobCage argument: network = {network!r} is not valid; expected True or False"
+            )
+        base = config if config is not None else load_config()
+        arguments = {
+            "memory_limit": memory_limit,
+            "pids_limit": pids_limit,
+            "campus_networks": campus_networks,
+        }
+        changes = {
+            key: check_value(key, value, "JobCage argument")
+            for key, value in arguments.items()
+            if value is not None
+        }
+        # The arguments win over the config's keys; checks across keys see them too.
+        self.config = base.replace(**changes) if changes else base
+        self.memory_limit = self.config.memory_limit
+        self.pids_limit = self.config.pids_limit
+        self.network = network
+        self.campus_networks = self.config.campus_networks
         self.final_usage: Usage | None = None
         self._state = State.NEW
         self._store = StateStore(self.config.state_dir)

@@ -63,14 +63,13 @@ class CgroupV1Backend(CgroupBackend):
         }
 
     def _controllers(self, memory_limit: int | None, pids_limit: int | None) -> list[str]:
-        wanted = list(dict.fromkeys(self.config.cgroup_controllers))
-        if pids_limit is not None and "pids" not in wanted:
-            wanted.append("pids")
+        # A limit brings its controller even when cgroup_controllers leaves it out.
         needed = (
-            {"freezer"}
-            | ({"memory"} if memory_limit else set())
-            | ({"pids"} if pids_limit is not None else set())
+            ("freezer",)
+            + (("memory",) if memory_limit is not None else ())
+            + (("pids",) if pids_limit is not None else ())
         )
+        wanted = list(dict.fromkeys((*self.config.cgroup_controllers, *needed)))
         for c in needed:
             if c not in self.h.v1_mounts:
                 raise KernelFeatureError(
@@ -99,7 +98,7 @@ class CgroupV1Backend(CgroupBackend):
         return V1Cgroup({c: p for c, p in paths.items() if os.path.isdir(p)})
 
     def paths_for(self, name: str) -> dict[str, str]:
-        wanted = (*self.config.cgroup_controllers, "pids")
+        wanted = (*self.config.cgroup_controllers, "memory", "pids")
         return {c: os.path.join(self.parents[c], name) for c in wanted if c in self.parents}
 
     def remove_parent_if_empty(self) -> None:
