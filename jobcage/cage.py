@@ -217,8 +217,15 @@ class JobCage:
         stdin: _File = None,
         stdout: _File = None,
         stderr: _File = None,
+        **popen_options: Any,
     ) -> subprocess.Popen:
-        """Start ``argv`` inside every cgroup and the netns before it execs."""
+        """Start ``argv`` inside every cgroup and the netns before it execs.
+
+        Popen's everyday options (``text``, ``encoding``, ``errors``, ``pass_fds``,
+        ``bufsize``, ``start_new_session``…) pass through; those that would break the
+        cage (``preexec_fn``, ``group``, ``extra_groups``: use ``user=``) are a
+        SpawnError. The job leads its own session unless told otherwise.
+        """
         cgroup = self._require_built("spawn")
         return _spawn(
             argv,
@@ -231,6 +238,7 @@ class JobCage:
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,
+            **popen_options,
         )
 
     def attach(self, pid: int) -> None:
