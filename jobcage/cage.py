@@ -321,7 +321,12 @@ class JobCage:
         self._ended = time.monotonic()
         stats_usage = _collect(errors, self._usage, cgroup, None)
         net_counters = None
-        if self._net is not None:
+        if self._net is not None and self._surviving:
+            # A process that survived every kill (D state) keeps the netns alive, and so
+            # its veth and address: the network side stays whole (rules, address lease)
+            # until `jobcage reap` finds the processes gone. Counted up to now.
+            net_counters = _collect(errors, self._net.counters)
+        elif self._net is not None:
             try:
                 net_counters = self._net.destroy()
             except TeardownError as e:
@@ -349,8 +354,8 @@ class JobCage:
             errors.append(
                 JobCageError(
                     f"{self._surviving} process(es) of job {self.job_id} survived SIGKILL "
-                    "(uninterruptible sleep); the cgroup is kept and `jobcage reap` will "
-                    "remove it once they are gone"
+                    "(uninterruptible sleep); the cgroup (and the network namespace and "
+                    "address) are kept and `jobcage reap` will remove them once they are gone"
                 )
             )
         if errors:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import admin, batch, doctor, reap, runner
+from . import admin, batch, doctor, fetch, reap, runner
 from .config import Config, load_config
 from .errors import (
     CageExistsError,
@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--json", action="store_true", help="one JSON object per check")
     doc.add_argument(
         "--no-network", action="store_true", help="skip the checks only --network needs"
+    )
+    fetch.add_arguments(
+        add("fetch", "fetch a job input through the site's squid first, then directly")
     )
     return parser
 
@@ -448,6 +451,7 @@ COMMANDS = {
     "kill": cmd_kill,
     "reap": cmd_reap,
     "doctor": cmd_doctor,
+    "fetch": fetch.command,
 }
 
 

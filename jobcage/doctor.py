@@ -3,14 +3,15 @@
 Each check returns a :class:`Check` with a status and one line that says what was
 found and, when it is not OK, what to change. Checks only read the node: the veth
 probe runs in a throwaway network namespace (``unshare --net``), never in the node's
-own, and the firewall is only read (``iptables-*-save``).
+own, and the firewall is only read (``iptables-*-save``). The network checks ask the
+library's own code (rtnetlink, the firewall selection) rather than /proc, so that
+doctor cannot pass a node the library will fail on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-import ipaddress
 import os
 import shutil
 import subprocess
@@ -56,9 +57,9 @@ def run_checks(config: Config, *, network: bool = True) -> list[Check]:
             check_netns(),
             check_veth(),
             *check_iptables(config),
-            check_forwarding(),
-            check_uplink(config),
-            *check_addresses(config),
+            _guard("forwarding", check_forwarding),
+            _guard("uplink", lambda: check_uplink(config)),
+            *_guard_all("address pool", lambda: check_addresses(config)),
         ]
     return checks
 
@@ -68,6 +69,13 @@ def _guard(name: str, fn: Callable[[], Check]) -> Check:
         return fn()
     except (OSError, JobCageError, ValueError) as e:
         return Check(name, Status.FAIL, f"the check itself failed: {e}")
+
+
+def _guard_all(name: str, fn: Callable[[], list[Check]]) -> list[Check]:
+    try:
+        return fn()
+    except (OSError, JobCageError, ValueError) as e:
+        return [Check(name, Status.FAIL, f"the check itself failed: {e}")]
 
 
 # -- privileges and cgroups ------------------------------------------------------------
@@ -294,18 +302,19 @@ def _run_probe(name: str, argv: list[str], ok: str, fail: str) -> Check:
 def check_iptables(config: Config | None = None) -> list[Check]:
     """The node's iptables flavour, and a warning when rules live in both backends.
 
-    Detection is the network side's (``jobcage.network.firewall.firewall_report``):
-    it knows which backend JobCage's own rules use.
+    Detection is the firewall package's (:mod:`jobcage.network.firewall.report`): it
+    knows which backend JobCage's own rules use, and asks that backend whether it can
+    work here.
     """
+    from .network.firewall.report import firewall_report
+
     name = "iptables"
-    try:
-        from .network.firewall import firewall_report
-    except ImportError as e:
-        return [Check(name, Status.WARN, f"cannot check: the network side is missing ({e})")]
     try:
         report = firewall_report(config.firewall if config is not None else "auto")
     except JobCageError as e:
         return [Check(name, Status.FAIL, str(e))]
+    if report.problem is not None:
+        return [Check(name, Status.FAIL, f"{report.jobcage_backend}: {report.problem}")]
     if report.node_iptables == "missing":
         return [Check(name, Status.FAIL, "iptables is not installed: apt-get install iptables")]
     counts = ", ".join(
@@ -328,13 +337,10 @@ def check_iptables(config: Config | None = None) -> list[Check]:
 
 
 def check_forwarding() -> Check:
+    from .network import netns
+
     name = "forwarding"
-    try:
-        with open("/proc/sys/net/ipv4/ip_forward") as f:
-            value = f.read().strip()
-    except OSError as e:
-        return Check(name, Status.FAIL, f"cannot read net.ipv4.ip_forward: {e.strerror}")
-    if value == "1":
+    if netns.forwarding_enabled():
         return Check(name, Status.OK, "net.ipv4.ip_forward = 1")
     return Check(
         name,
@@ -344,24 +350,14 @@ def check_forwarding() -> Check:
     )
 
 
-def default_route_interface(route_file: str = "/proc/net/route") -> str | None:
-    """The interface of the IPv4 default route, from the kernel's routing table."""
-    try:
-        with open(route_file) as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
-            return fields[0]
-    return None
-
-
 def check_uplink(config: Config) -> Check:
+    """The interface the cages are NATed out of, found as the first cage will find it."""
+    from .network import netns
+
     name = "uplink"
-    uplink = config.uplink or default_route_interface()
-    if uplink is None:
+    try:
+        uplink = config.uplink or netns.default_route_interface()
+    except JobCageError:
         return Check(
             name,
             Status.FAIL,
@@ -369,14 +365,9 @@ def check_uplink(config: Config) -> Check:
             'config; set uplink = "eth0" (the interface cages are NATed to)',
         )
     where = "configured" if config.uplink else "from the default route"
-    base = f"/sys/class/net/{uplink}"
-    if not os.path.isdir(base):
+    state = netns.link_operstate(uplink)
+    if state is None:
         return Check(name, Status.FAIL, f"uplink {uplink} ({where}) does not exist: fix uplink")
-    try:
-        with open(os.path.join(base, "operstate")) as f:
-            state = f.read().strip()
-    except OSError:
-        state = "unknown"
     if state not in {"up", "unknown"}:
         return Check(name, Status.WARN, f"uplink {uplink} ({where}) is {state}")
     return Check(name, Status.OK, f"uplink {uplink} ({where}), {state}")
@@ -402,8 +393,11 @@ def check_addresses(config: Config) -> list[Check]:
                 f"traffic to {', '.join(map(str, campus))} counts as LAN, the rest as WAN",
             )
         )
-    # The config already refused a campus network inside the pool.
-    clash = [str(a) for a in local_networks() if a.overlaps(pool)]
+    from .network import netns
+
+    # The config already refused a campus network inside the pool; these are the
+    # routes the first cage checks the pool against (the main table's).
+    clash = netns.routes_overlapping(str(pool))
     if clash:
         checks.append(
             Check(
@@ -423,22 +417,3 @@ def check_addresses(config: Config) -> list[Check]:
             )
         )
     return checks
-
-
-def local_networks(route_file: str = "/proc/net/route") -> list[ipaddress.IPv4Network]:
-    """The node's directly routed IPv4 networks (not the default route)."""
-    out = []
-    try:
-        with open(route_file) as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return out
-    for line in lines:
-        fields = line.split()
-        if len(fields) <= 7 or fields[1] == "00000000" or fields[0].startswith("jc"):
-            continue  # the default route, or a cage's own veth
-        dest = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
-        mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
-        with contextlib.suppress(ValueError):
-            out.append(ipaddress.IPv4Network(f"{dest}/{mask}"))
-    return out

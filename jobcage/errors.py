@@ -15,7 +15,11 @@ are translated at the backend edge with ``raise ... from`` so the cause stays vi
     ├── AddressPoolExhaustedError  every address of the pool is taken
     ├── SpawnError             the job could not be started (bad user, missing binary)
     ├── NetworkError           building or removing the network side failed
-    └── TeardownError          teardown finished with errors; lists each
+    ├── TeardownError          teardown finished with errors; lists each
+    ├── MissingExtraError      an optional dependency (a pip extra) is not installed
+    ├── ClassAdError           a ClassAd that does not parse or evaluate
+    ├── TransferError          the transfer plugin refused or failed one file; nothing made
+    └── FetchError             every route of `jobcage fetch` failed; nothing left at DEST
 """
 
 from __future__ import annotations
@@ -72,3 +76,27 @@ class TeardownError(JobCageError):
         details = "; ".join(f"{type(e).__name__}: {e}" for e in errors)
         super().__init__(f"{message}: {details}" if details else message)
         self.errors = errors
+
+
+class MissingExtraError(JobCageError, ImportError):
+    """An optional dependency is missing; the text names the pip extra to install."""
+
+
+class ClassAdError(JobCageError, ValueError):
+    pass
+
+
+class TransferError(JobCageError):
+    """``kind`` is the error type HTCondor's plugin protocol knows (TransferErrorData):
+    "Parameter" (the request cannot be done: bad path, outside the scratch directory),
+    "Specification" (the named base image is missing or unusable), "Transfer" (the
+    instance could not be written: ``no_space`` when the scratch directory is full)."""
+
+    def __init__(self, message: str, kind: str = "Parameter", no_space: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.no_space = no_space
+
+
+class FetchError(JobCageError):
+    pass

@@ -202,7 +202,10 @@ def _reap_record(
     net_counters = None
     try:
         net = open_network(record, config)
-        if net is not None:
+        if net is not None and cage.surviving:
+            # The survivors hold the netns, its veth and address: all kept till they go.
+            net_counters = net.counters()
+        elif net is not None:
             net_counters = net.destroy()
             cage.removed.append("network side")
     except (ImportError, JobCageError, OSError) as e:
@@ -219,7 +222,7 @@ def _reap_record(
     if cage.surviving:
         cage.errors.append(
             f"{cage.surviving} process(es) survived SIGKILL (uninterruptible sleep); "
-            "the cgroup and record are kept and the next `jobcage reap` retries"
+            "the cgroup, network side and record are kept and the next `jobcage reap` retries"
         )
     else:
         cage.removed += _remove_cgroup_dirs(record_cgroup_paths(record), cage)
@@ -484,10 +487,10 @@ def _remove_network_orphan(orphan: Any, config: Config, cage: ReapedCage) -> Non
         if remover is not None:
             remover(orphan, config)
         elif orphan.kind == "netns":
-            from .network import netns
+            from .network import netns, resolv
 
             netns.remove(orphan.name)
-            netns.remove_resolv_conf(orphan.name)
+            resolv.remove_resolv_conf(orphan.name)
         elif orphan.kind == "lease":
             from .network.addresses import AddressPool, LeaseStore
 

@@ -1,4 +1,4 @@
-"""Fixtures of the network tests: the simulated world (tests/networld.py) and a node
+"""Fixtures of the network tests: the simulated world (jobcage/testing/networld.py) and a node
 to run JobCage in. Registered from tests/conftest.py with
 ``pytest_plugins = ["tests.conftest_network"]``.
 
@@ -19,10 +19,10 @@ import pytest
 
 from jobcage.config import Config
 from jobcage.network import hooks
-from jobcage.network.netns import NETNS_ETC_DIR, is_cage_veth
-
-from . import networld as world_mod
-from .networld import NetWorld
+from jobcage.network.netns import is_cage_veth
+from jobcage.network.resolv import NETNS_ETC_DIR
+from jobcage.testing import networld as world_mod
+from jobcage.testing.networld import NetWorld
 
 # Every kernel change made by jobcage.network in this process first asks the guard.
 hooks.before_change = world_mod.guard
@@ -89,12 +89,12 @@ def node(networld: NetWorld) -> Iterator[NetWorld]:
 
 
 def run_in_cage(netns_path: str, *args: str, timeout: float = 60) -> str:
-    """Run tests/netclient.py inside a cage's netns; return its result (last) line."""
+    """Run jobcage/testing/netclient.py inside a cage's netns; return its result (last) line."""
     return run_in_cage_lines(netns_path, *args, timeout=timeout)[-1]
 
 
 def run_in_cage_lines(netns_path: str, *args: str, timeout: float = 60) -> list[str]:
-    """Run tests/netclient.py inside a cage's netns; return every line it printed."""
+    """Run jobcage/testing/netclient.py inside a cage's netns; return every line it printed."""
     out = subprocess.run(
         ["nsenter", f"--net={netns_path}", "--", sys.executable, world_mod.CLIENT, *args],
         capture_output=True,

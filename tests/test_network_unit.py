@@ -18,11 +18,11 @@ from jobcage.errors import (
     TeardownError,
 )
 from jobcage.ids import netns_name, veth_names
-from jobcage.network import NetCounters, NetworkCage, Orphan, remove_orphan, rtnl
+from jobcage.netlink import core, rtnl
+from jobcage.network import NetCounters, NetworkCage, Orphan, remove_orphan, resolv
 from jobcage.network import netns as netns_mod
 from jobcage.network.addresses import AddressPool, LeaseStore
-from jobcage.network.netns import is_cage_veth, plan_resolv_conf
-from jobcage.network.rules import (
+from jobcage.network.firewall.policy import (
     LAN_RX,
     LAN_TX,
     WAN_RX,
@@ -31,6 +31,8 @@ from jobcage.network.rules import (
     cage_plan,
     classify,
 )
+from jobcage.network.netns import is_cage_veth
+from jobcage.network.resolv import plan_resolv_conf
 
 
 def plan(campus=("192.0.2.0/24", "10.0.0.0/8"), allow_node_access=False):
@@ -99,6 +101,17 @@ def test_leases_never_collide_across_threads(tmp_path):
         t.join()
     assert sorted(got) == list(range(40))
     assert store.held()[5].startswith("job")
+
+
+def test_a_subnet_still_held_is_skipped_not_leased(tmp_path):
+    """Held (the node still routes it to an old veth): not free, though unleased."""
+    store = LeaseStore(str(tmp_path), AddressPool("100.64.0.0/28"))
+    held = {0, 2}
+    lease, _ = store.acquire("a", lambda lease: lease.index in held)
+    assert lease.index == 1 and store.held() == {1: "a"}
+    assert store.acquire("b", lambda lease: lease.index in held)[0].index == 3
+    with pytest.raises(AddressPoolExhaustedError, match="outlived its cage"):
+        store.acquire("c", lambda lease: lease.index in held)
 
 
 def test_lease_release_and_first_flag(tmp_path):
@@ -307,7 +320,7 @@ def test_create_refuses_pool_overlapping_campus(tmp_path):
     assert not (tmp_path / "network").exists()
 
 
-# -- raw rtnetlink (jobcage.network.rtnl): encoding and answers ----------------------
+# -- raw rtnetlink (jobcage.netlink.rtnl): encoding and answers ----------------------
 
 # What pyroute2 0.9.7's IPRoute sent for the cage's side before (IPBatch with
 # link("add", ifname="eth0", kind="veth", index=2, state="up",
@@ -350,35 +363,35 @@ def _kernel_message(kind: int, seq: int, body: bytes, flags: int = 0) -> bytes:
 def _ack(seq: int, error: int = 0, text: str = "") -> bytes:
     """An NLMSG_ERROR as a NETLINK_CAP_ACK + NETLINK_EXT_ACK socket gets it."""
     body = struct.pack("=i", -error) + struct.pack("=IHHII", 32, 16, 5, seq, 0)
-    flags = rtnl.NLM_F_CAPPED
+    flags = core.NLM_F_CAPPED
     if text:
-        body += rtnl.attr_str(rtnl.NLMSGERR_ATTR_MSG, text)
-        flags |= rtnl.NLM_F_ACK_TLVS
-    return _kernel_message(rtnl.NLMSG_ERROR, seq, body, flags)
+        body += core.attr_str(core.NLMSGERR_ATTR_MSG, text)
+        flags |= core.NLM_F_ACK_TLVS
+    return _kernel_message(core.NLMSG_ERROR, seq, body, flags)
 
 
 def _link_reply(seq: int, index: int, name: str, link: int | None = None) -> bytes:
-    body = rtnl.ifinfomsg(index) + rtnl.attr_str(rtnl.IFLA_IFNAME, name)
+    body = rtnl.ifinfomsg(index) + core.attr_str(rtnl.IFLA_IFNAME, name)
     if link is not None:
-        body += rtnl.attr_u32(rtnl.IFLA_LINK, link)
+        body += core.attr_u32(rtnl.IFLA_LINK, link)
     return _kernel_message(rtnl.RTM_NEWLINK, seq, body)
 
 
 def _route_reply(seq, dst, dst_len, table=254, oif=None, rta_table=None, multipath_oif=None):
     body = struct.pack("=BBBBBBBBI", 2, dst_len, 0, 0, table, 3, 0, 1, 0)
     if dst_len:
-        body += rtnl.attr(rtnl.RTA_DST, ipaddress.IPv4Address(dst).packed)
+        body += core.attr(rtnl.RTA_DST, ipaddress.IPv4Address(dst).packed)
     if rta_table is not None:
-        body += rtnl.attr_u32(rtnl.RTA_TABLE, rta_table)
+        body += core.attr_u32(rtnl.RTA_TABLE, rta_table)
     if oif is not None:
-        body += rtnl.attr_u32(rtnl.RTA_OIF, oif)
+        body += core.attr_u32(rtnl.RTA_OIF, oif)
     if multipath_oif is not None:
-        body += rtnl.attr(rtnl.RTA_MULTIPATH, struct.pack("=HBBi", 8, 0, 0, multipath_oif))
-    return _kernel_message(rtnl.RTM_NEWROUTE, seq, body, rtnl.NLM_F_MULTI)
+        body += core.attr(rtnl.RTA_MULTIPATH, struct.pack("=HBBi", 8, 0, 0, multipath_oif))
+    return _kernel_message(rtnl.RTM_NEWROUTE, seq, body, core.NLM_F_MULTI)
 
 
 def test_cage_side_is_what_pyroute2_sent():
-    sent = list(rtnl.messages(rtnl.encode(_cage_side_requests(), 7)))
+    sent = list(core.messages(rtnl.encode(_cage_side_requests(), 7)))
     assert [seq for _, _, seq, _ in sent] == [7, 8, 9, 10]
     got = [(kind, flags, message[16:].hex()) for kind, flags, _, message in sent]
     assert got == PYROUTE2_CAGE_SIDE
@@ -391,15 +404,15 @@ def test_ipv6_off_and_forwarding_requests_encode_and_parse():
     read back."""
     link, netconf = (
         message[16:].hex()
-        for _, _, _, message in rtnl.messages(
+        for _, _, _, message in core.messages(
             rtnl.encode([rtnl.no_ipv6_link_local(2, ""), rtnl.get_forwarding()], 1)
         )
     )
     assert link == "0000000002000000000000000000000010001a000c000a000500080001000000"
     assert netconf == "0200000008000100ffffffff"
     for value, expected in ((1, True), (0, False)):
-        reply = rtnl.attr(rtnl.NETCONFA_IFINDEX, struct.pack("=i", -1))
-        reply += rtnl.attr(rtnl.NETCONFA_FORWARDING, struct.pack("=i", value))
+        reply = core.attr(rtnl.NETCONFA_IFINDEX, struct.pack("=i", -1))
+        reply += core.attr(rtnl.NETCONFA_FORWARDING, struct.pack("=i", value))
         message = _kernel_message(81, 1, struct.pack("=Bxxx", 2) + reply)
         assert rtnl.netconf_forwarding(message) is expected
     assert rtnl.netconf_forwarding(_kernel_message(81, 1, b"\2\0\0\0")) is None
@@ -407,21 +420,21 @@ def test_ipv6_off_and_forwarding_requests_encode_and_parse():
 
 def test_encoded_veth_parses_back():
     request = rtnl.new_veth("eth0", 2, "jc0123456789abh", 9, up=False, what="")
-    ((_, _, _, message),) = rtnl.messages(rtnl.encode([request], 1))
+    ((_, _, _, message),) = core.messages(rtnl.encode([request], 1))
     assert rtnl.ifinfo_index(message) == 2
     attrs = rtnl.ifinfo_attrs(message)
-    assert rtnl.text(attrs[rtnl.IFLA_IFNAME]) == "eth0"
-    info = rtnl.attrs(attrs[rtnl.IFLA_LINKINFO])
-    assert rtnl.text(info[rtnl.IFLA_INFO_KIND]) == "veth"
-    peer = rtnl.attrs(info[rtnl.IFLA_INFO_DATA])[rtnl.VETH_INFO_PEER]
-    peer_attrs = rtnl.attrs(peer, 16)  # after the peer's ifinfomsg
-    assert rtnl.text(peer_attrs[rtnl.IFLA_IFNAME]) == "jc0123456789abh"
-    assert rtnl.u32(peer_attrs[rtnl.IFLA_NET_NS_FD]) == 9
+    assert core.text(attrs[rtnl.IFLA_IFNAME]) == "eth0"
+    info = core.attrs(attrs[rtnl.IFLA_LINKINFO])
+    assert core.text(info[rtnl.IFLA_INFO_KIND]) == "veth"
+    peer = core.attrs(info[rtnl.IFLA_INFO_DATA])[rtnl.VETH_INFO_PEER]
+    peer_attrs = core.attrs(peer, 16)  # after the peer's ifinfomsg
+    assert core.text(peer_attrs[rtnl.IFLA_IFNAME]) == "jc0123456789abh"
+    assert core.u32(peer_attrs[rtnl.IFLA_NET_NS_FD]) == 9
 
 
 def test_dumps_ask_for_no_ack_and_the_rest_do():
     requests = [rtnl.dump_routes(), rtnl.get_link(name="eth0"), rtnl.delete_link("x", "")]
-    flags = [flags for _, flags, _, _ in rtnl.messages(rtnl.encode(requests, 1))]
+    flags = [flags for _, flags, _, _ in core.messages(rtnl.encode(requests, 1))]
     assert flags == [0x301, 0x5, 0x5]
 
 
@@ -441,7 +454,7 @@ def test_answers_are_sorted_by_seq_with_errors_and_kernel_text():
     assert netns_mod._peer_index(answers[4]) == 17
     requests = _cage_side_requests()
     ordered = [answers[seq] for seq in (1, 2, 3, 4)]
-    with pytest.raises(rtnl.NetlinkError) as info:
+    with pytest.raises(core.NetlinkError) as info:
         rtnl.raise_first_error(requests, ordered)
     assert info.value.code == errno.EEXIST and info.value.request is requests[0]
     assert str(info.value) == "veth: File exists"
@@ -449,10 +462,10 @@ def test_answers_are_sorted_by_seq_with_errors_and_kernel_text():
 
 def test_error_with_the_request_echoed_in_full():
     request = struct.pack("=IHHII", 20, 16, 5, 3, 0) + b"abcd"
-    tlvs = rtnl.attr_str(rtnl.NLMSGERR_ATTR_MSG, "Unknown device type")
+    tlvs = core.attr_str(core.NLMSGERR_ATTR_MSG, "Unknown device type")
     message = _kernel_message(
-        rtnl.NLMSG_ERROR, 3, struct.pack("=i", -errno.EOPNOTSUPP) + request + tlvs,
-        rtnl.NLM_F_ACK_TLVS,
+        core.NLMSG_ERROR, 3, struct.pack("=i", -errno.EOPNOTSUPP) + request + tlvs,
+        core.NLM_F_ACK_TLVS,
     )  # fmt: skip
     answers = {3: rtnl.Answer()}
     rtnl.collect(message, answers, set())
@@ -467,12 +480,12 @@ def test_peer_index_is_none_when_the_kernel_leaves_it_out():
 
 def test_netlink_errors_become_jobcage_errors_that_say_what_to_do():
     veth, lo = _cage_side_requests()[:2]
-    missing = rtnl.NetlinkError(errno.EOPNOTSUPP, "creating", "Unknown device type", veth)
+    missing = core.NetlinkError(errno.EOPNOTSUPP, "creating", "Unknown device type", veth)
     error = netns_mod._netlink_error(missing, "setting up x")
     assert isinstance(error, KernelFeatureError) and "CONFIG_VETH" in str(error)
-    other = rtnl.NetlinkError(errno.EOPNOTSUPP, "bringing lo up", "", lo)
+    other = core.NetlinkError(errno.EOPNOTSUPP, "bringing lo up", "", lo)
     assert not isinstance(netns_mod._netlink_error(other, "x"), KernelFeatureError)
-    denied = rtnl.NetlinkError(errno.EPERM, "creating", "", veth)
+    denied = core.NetlinkError(errno.EPERM, "creating", "", veth)
     assert "CAP_NET_ADMIN" in str(netns_mod._netlink_error(denied, None))
 
 
@@ -494,9 +507,9 @@ class FakeKernel(rtnl.Socket):
         for seq, request in enumerate(requests, first):
             if request.kind == rtnl.RTM_GETROUTE:
                 data += b"".join(_route_reply(seq, *r) for r in self.routes)
-                data += _kernel_message(rtnl.NLMSG_DONE, seq, struct.pack("=i", 0))
+                data += _kernel_message(core.NLMSG_DONE, seq, struct.pack("=i", 0))
             elif request.kind == rtnl.RTM_GETLINK:
-                (_, _, _, message), *_ = rtnl.messages(rtnl.encode([request], seq))
+                (_, _, _, message), *_ = core.messages(rtnl.encode([request], seq))
                 index = rtnl.ifinfo_index(message)
                 if index in self.links:
                     data += _link_reply(seq, index, self.links[index]) + _ack(seq)
@@ -599,7 +612,7 @@ def test_teardown_keeps_the_lease_while_the_rules_are_left(tmp_path, monkeypatch
     )
     monkeypatch.setattr(cage, "_firewall", _RulesStuck)
     monkeypatch.setattr(netns_mod, "remove", lambda name: None)
-    monkeypatch.setattr(netns_mod, "remove_resolv_conf", lambda name: None)
+    monkeypatch.setattr(resolv, "remove_resolv_conf", lambda name: None)
     with pytest.raises(TeardownError, match="removing the rules failed"):
         cage.destroy()
     assert store.held() == {lease.index: "1234.0"}

@@ -12,17 +12,18 @@ import pytest
 
 from jobcage.config import Config
 from jobcage.errors import NetworkError, TeardownError
-from jobcage.network import NetworkCage, find_orphans, nfnl, remove_orphan
-from jobcage.network.nftables import (
-    NftablesFirewall,
+from jobcage.netlink import core, nfchannel
+from jobcage.network import NetworkCage, find_orphans, remove_orphan
+from jobcage.network.firewall.nftables import NftablesFirewall
+from jobcage.network.firewall.nftables_layout import (
     cage_removal,
     campus_sets,
     shared_removal,
 )
+from jobcage.testing import networld as world_mod
+from jobcage.testing.networld import CAMPUS_HOST, SERVER_PORT
 
-from . import networld as world_mod
 from .conftest_network import run_in_cage
-from .networld import CAMPUS_HOST, SERVER_PORT
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
@@ -103,7 +104,7 @@ def test_the_table_reads_back_as_the_layout(node, nft_config, job_id):
             kind = "map" if " : " in element else "set"
             assert element in nft(node, "list", kind, "ip", "jobcage", set_name), set_name
         assert f'"{veth}"' not in nft(node, "list", "set", "ip", "jobcage", "JOBCAGE-NODE-ACCESS")
-        assert nfnl.object_use("jobcage", "JOBCAGE-CAGES") == 1
+        assert nfchannel.object_use("jobcage", "JOBCAGE-CAGES") == 1
     finally:
         cage.destroy()
 
@@ -117,13 +118,13 @@ def test_cages_of_one_campus_list_share_it_and_its_last_cage_removes_it(node, nf
     try:
         rules = body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))
         assert len(rules) == 2  # one per list, not per cage
-        assert nfnl.object_use("jobcage", "JOBCAGE-CAGES") == 3
-        assert nfnl.object_use("jobcage", nets) == 2
+        assert nfchannel.object_use("jobcage", "JOBCAGE-CAGES") == 3
+        assert nfchannel.object_use("jobcage", nets) == 2
         c.destroy()  # the last of its list
         assert campus_sets(other)[0] not in nft(node, "list", "table", "ip", "jobcage")
         assert len(body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))) == 1
         a.destroy()  # not the last of its list: the list stays, and still counts
-        assert nfnl.object_use("jobcage", nets) == 1
+        assert nfchannel.object_use("jobcage", nets) == 1
         port = str(SERVER_PORT)
         assert run_in_cage(b.netns_path, "get", CAMPUS_HOST, port, "1000") == "1000"
         assert b.counters().net_lan_rx_bytes >= 1000
@@ -137,7 +138,7 @@ def test_reap_removes_a_campus_list_its_last_cage_left(node, nft_config, job_id)
     keep = NetworkCage.create(job_id + "k", nft_config)
     gone = NetworkCage.create(job_id + "g", nft_config, ("198.18.0.0/15",))
     try:
-        nfnl.transact(cage_removal(gone.plan))  # its elements and counters, not the list
+        nfchannel.transact(cage_removal(gone.plan))  # its elements and counters, not the list
         orphans = [o for o in find_orphans(nft_config) if o.kind == "campus"]
         assert [o.name for o in orphans] == [campus_sets(("198.18.0.0/15",))[0]]
         remove_orphan(orphans[0], nft_config)
@@ -158,8 +159,8 @@ def test_the_shared_part_cannot_be_removed_under_a_cage(node, nft_config, job_id
     try:
         before = nft(node, "-s", "list", "ruleset")
         lists = [campus_sets([world_mod.CAMPUS_NETWORK])[0]]
-        with pytest.raises(nfnl.NfnlError) as refused:
-            nfnl.transact(shared_removal(lists))
+        with pytest.raises(core.NetlinkError) as refused:
+            nfchannel.transact(shared_removal(lists))
         assert refused.value.errno == errno.EBUSY
         assert nft(node, "-s", "list", "ruleset") == before
         assert NftablesFirewall()._remove_shared_if_unused() is False
@@ -191,7 +192,7 @@ def test_a_hand_edited_table_goes_with_the_last_cage_unless_a_cage_arrives(
     nft(node, "flush", "chain", "ip", "jobcage", "JOBCAGE-OUTPUT")
     nft(node, "delete", "chain", "ip", "jobcage", "JOBCAGE-OUTPUT")
     arrived: list[NetworkCage] = []
-    real_dump_chains = nfnl.dump_chains
+    real_dump_chains = nfchannel.dump_chains
 
     def dump_chains(table: str) -> list[str]:
         chains = real_dump_chains(table)
@@ -199,7 +200,7 @@ def test_a_hand_edited_table_goes_with_the_last_cage_unless_a_cage_arrives(
             arrived.append(NetworkCage.create(job_id + "b", nft_config))
         return chains
 
-    monkeypatch.setattr(nfnl, "dump_chains", dump_chains)
+    monkeypatch.setattr(nfchannel, "dump_chains", dump_chains)
     try:
         first.destroy()
         monkeypatch.undo()
@@ -246,7 +247,7 @@ def test_a_cage_that_lost_the_race_to_make_a_campus_list_joins_it(node, monkeypa
     """Two first cages of a new list both find it missing; the second one's NEWSET is
     refused (EEXIST) and it must join the list instead of failing. Replayed against
     the kernel: the second is told the list is missing once, after the first made it."""
-    from jobcage.network.rules import cage_plan
+    from jobcage.network.firewall.policy import cage_plan
 
     def plan(k: int):
         return cage_plan(
@@ -260,7 +261,7 @@ def test_a_cage_that_lost_the_race_to_make_a_campus_list_joins_it(node, monkeypa
 
     firewall, uplink = NftablesFirewall(), lambda: "eth0"
     firewall.install(plan(1), world_mod.POOL, uplink)
-    real, told = nfnl.set_exists, []
+    real, told = nfchannel.set_exists, []
 
     def missing_once(table: str, name: str) -> bool:
         if not told:
@@ -268,7 +269,7 @@ def test_a_cage_that_lost_the_race_to_make_a_campus_list_joins_it(node, monkeypa
             return False
         return real(table, name)
 
-    monkeypatch.setattr(nfnl, "set_exists", missing_once)
+    monkeypatch.setattr(nfchannel, "set_exists", missing_once)
     try:
         firewall.install(plan(2), world_mod.POOL, uplink)
         assert told == [campus_sets(("198.18.0.0/15",))[0]]

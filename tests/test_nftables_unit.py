@@ -13,14 +13,14 @@ import pytest
 
 from jobcage.config import load_config
 from jobcage.errors import ConfigError, KernelFeatureError
-from jobcage.network import nfnl
-from jobcage.network.nftables import (
+from jobcage.netlink import core, nfchannel, nfexpr, nfnl
+from jobcage.network.firewall.nftables import NftablesFirewall
+from jobcage.network.firewall.nftables_layout import (
     CAGES,
     CAGES_SUFFIX,
     CAMPUS_PREFIX,
     COUNTER_MAPS,
     FWD_TX_CHAIN,
-    NftablesFirewall,
     all_counter_names,
     cage_messages,
     cage_removal,
@@ -31,7 +31,7 @@ from jobcage.network.nftables import (
     shared_messages,
     shared_removal,
 )
-from jobcage.network.rules import LAN_TX, cage_plan
+from jobcage.network.firewall.policy import LAN_TX, cage_plan
 
 
 def plan(campus=("192.0.2.0/24", "10.16.0.0/12"), allow_node_access=False):
@@ -49,9 +49,9 @@ def expressions(encoded: list[bytes]) -> list[tuple[str, dict[int, bytes]]]:
     """(name, attributes) of each encoded expression."""
     out = []
     for item in encoded:
-        attrs = nfnl.parse_attrs(nfnl.parse_attrs(item)[nfnl.LIST_ELEM])
-        name = attrs[nfnl.EXPR_NAME].rstrip(b"\0").decode()
-        out.append((name, nfnl.parse_attrs(attrs.get(nfnl.EXPR_DATA, b""))))
+        attrs = core.attrs(core.attrs(item)[nfnl.NFTA_LIST_ELEM])
+        name = attrs[nfexpr.NFTA_EXPR_NAME].rstrip(b"\0").decode()
+        out.append((name, core.attrs(attrs.get(nfexpr.NFTA_EXPR_DATA, b""))))
     return out
 
 
@@ -60,23 +60,23 @@ def names(encoded: list[bytes]) -> list[str]:
 
 
 def data_value(attr: bytes) -> bytes:
-    return nfnl.parse_attrs(attr)[nfnl.DATA_VALUE]
+    return core.attrs(attr)[nfnl.NFTA_DATA_VALUE]
 
 
 def be32(raw: bytes) -> int:
     return struct.unpack(">I", raw)[0]
 
 
-def message_attrs(msg: nfnl.Message) -> dict[int, bytes]:
-    return nfnl.parse_attrs(msg.body)
+def message_attrs(msg: core.Request) -> dict[int, bytes]:
+    return core.attrs(msg.body)
 
 
 def test_attributes_are_padded_and_nested_attributes_flagged():
-    assert nfnl.attr(1, b"abc") == struct.pack("=HH", 7, 1) + b"abc\0"
-    nested = nfnl.nest(2, nfnl.be32(1, 5))
+    assert core.attr(1, b"abc") == struct.pack("=HH", 7, 1) + b"abc\0"
+    nested = core.nest(2, core.attr_be32(1, 5))
     length, kind = struct.unpack_from("=HH", nested)
-    assert kind == 2 | nfnl.NLA_F_NESTED and length == 12
-    assert nfnl.parse_attrs(nested)[2] == nfnl.be32(1, 5)
+    assert kind == 2 | core.NLA_F_NESTED and length == 12
+    assert core.attrs(nested)[2] == core.attr_be32(1, 5)
 
 
 def test_interface_names_fill_ifnamsiz_and_longer_ones_are_refused():
@@ -89,7 +89,7 @@ def test_the_pool_is_compared_by_its_bytes_or_masked():
     aligned = expressions(policy_rules("100.64.0.0/16")[FWD_TX_CHAIN][1])
     (load, la), (cmp, ca) = aligned[:2]
     assert (load, be32(la[3]), be32(la[4])) == ("payload", 16, 2)  # daddr, 2 bytes
-    assert (cmp, be32(ca[2]), data_value(ca[3])) == ("cmp", nfnl.CMP_EQ, bytes([100, 64]))
+    assert (cmp, be32(ca[2]), data_value(ca[3])) == ("cmp", nfexpr.NFT_CMP_EQ, bytes([100, 64]))
     masked = expressions(policy_rules("100.64.0.0/10")[FWD_TX_CHAIN][1])
     assert [n for n, _ in masked[:3]] == ["payload", "bitwise", "cmp"]
     assert data_value(masked[1][1][4]) == bytes([255, 192, 0, 0])
@@ -100,8 +100,8 @@ def verdict(rule: list[bytes]) -> int | None:
     name, attrs = expressions(rule)[-1]
     if name != "immediate":
         return None
-    data = nfnl.parse_attrs(nfnl.parse_attrs(attrs[2])[nfnl.DATA_VERDICT])
-    return struct.unpack(">i", data[nfnl.VERDICT_CODE])[0]
+    data = core.attrs(core.attrs(attrs[2])[nfnl.NFTA_DATA_VERDICT])
+    return struct.unpack(">i", data[nfnl.NFTA_VERDICT_CODE])[0]
 
 
 def test_every_policy_chain_ends_in_drop_and_counts_what_it_accepts():
@@ -119,8 +119,8 @@ def test_the_anti_spoof_lookup_is_inverted_over_veth_then_source():
     spoof = expressions(policy_rules("100.64.0.0/16")[FWD_TX_CHAIN][0])
     assert [n for n, _ in spoof] == ["meta", "payload", "lookup", "meta", "objref", "immediate"]
     meta, payload, lookup = spoof[0][1], spoof[1][1], spoof[2][1]
-    assert be32(meta[1]) == nfnl.REG32_00 and be32(payload[1]) == nfnl.REG32_00 + 4
-    assert be32(lookup[2]) == nfnl.REG32_00 and be32(lookup[5]) == nfnl.LOOKUP_F_INV
+    assert be32(meta[1]) == nfexpr.NFT_REG32_00 and be32(payload[1]) == nfexpr.NFT_REG32_00 + 4
+    assert be32(lookup[2]) == nfexpr.NFT_REG32_00 and be32(lookup[5]) == nfexpr.NFT_LOOKUP_F_INV
 
 
 def test_dispatch_compares_the_jc_prefix_only():
@@ -128,14 +128,15 @@ def test_dispatch_compares_the_jc_prefix_only():
     dispatch = [
         m
         for m in made
-        if m.kind == nfnl.NEWRULE and message_attrs(m)[nfnl.RULE_CHAIN] == b"JOBCAGE-FORWARD\0"
+        if m.kind == nfnl.NFT_MSG_NEWRULE
+        and message_attrs(m)[nfnl.NFTA_RULE_CHAIN] == b"JOBCAGE-FORWARD\0"
     ]
     assert len(dispatch) == 2
     for rule in dispatch:
         exprs = [
-            nfnl.parse_attrs(raw) for raw in nfnl._each(message_attrs(rule)[nfnl.RULE_EXPRESSIONS])
+            core.attrs(raw) for raw in core.each(message_attrs(rule)[nfnl.NFTA_RULE_EXPRESSIONS])
         ]
-        cmp = nfnl.parse_attrs(exprs[1][nfnl.EXPR_DATA])
+        cmp = core.attrs(exprs[1][nfexpr.NFTA_EXPR_DATA])
         assert data_value(cmp[3]) == b"jc"
 
 
@@ -149,44 +150,46 @@ def test_a_campus_list_is_named_by_its_networks_whatever_their_order_or_overlap(
 
 def test_campus_ranges_are_a_start_and_an_end_flagged_as_such():
     msgs = campus_list_messages(("10.16.0.0/12", "0.0.0.0/0"))
-    [elements] = [m for m in msgs if m.kind == nfnl.NEWSETELEM]
+    [elements] = [m for m in msgs if m.kind == nfnl.NFT_MSG_NEWSETELEM]
     # 0.0.0.0/0 swallows the rest: one range from 0.0.0.0 to the end, no end element.
     assert range_elements(elements) == [(bytes(4), False)]
     msgs = campus_list_messages(("192.0.2.0/24",))
     kinds = [m.kind for m in msgs]
     assert kinds == [
-        nfnl.NEWOBJ,  # the list's counter: its use count is the list's number of cages
-        nfnl.NEWSET,
-        nfnl.NEWSET,
-        nfnl.NEWSETELEM,
-        nfnl.NEWRULE,
-        nfnl.NEWRULE,
+        nfnl.NFT_MSG_NEWOBJ,  # the list's counter: its use count is the list's number of cages
+        nfnl.NFT_MSG_NEWSET,
+        nfnl.NFT_MSG_NEWSET,
+        nfnl.NFT_MSG_NEWSETELEM,
+        nfnl.NFT_MSG_NEWRULE,
+        nfnl.NFT_MSG_NEWRULE,
     ]
-    [elements] = [m for m in msgs if m.kind == nfnl.NEWSETELEM]
+    [elements] = [m for m in msgs if m.kind == nfnl.NFT_MSG_NEWSETELEM]
     assert bytes([192, 0, 2, 0]) in elements.body and bytes([192, 0, 3, 0]) in elements.body
     start, after = bytes([192, 0, 2, 0]), bytes([192, 0, 3, 0])
     assert range_elements(elements) == [(start, False), (after, True)]
 
 
-def range_elements(msg: nfnl.Message) -> list[tuple[bytes, bool]]:
+def range_elements(msg: core.Request) -> list[tuple[bytes, bool]]:
     """(key, flagged as a range's end) of each element of a NEWSETELEM message."""
-    listed = message_attrs(msg)[nfnl.SET_ELEM_LIST_ELEMENTS]
+    listed = message_attrs(msg)[nfnl.NFTA_SET_ELEM_LIST_ELEMENTS]
     out = []
-    for raw in nfnl._each(listed):
-        element = nfnl.parse_attrs(raw)
-        key = data_value(element[nfnl.SET_ELEM_KEY])
-        flags = be32(element[nfnl.SET_ELEM_FLAGS]) if nfnl.SET_ELEM_FLAGS in element else 0
-        out.append((key, bool(flags & nfnl.SET_ELEM_INTERVAL_END)))
+    for raw in core.each(listed):
+        element = core.attrs(raw)
+        key = data_value(element[nfnl.NFTA_SET_ELEM_KEY])
+        flags = (
+            be32(element[nfnl.NFTA_SET_ELEM_FLAGS]) if nfnl.NFTA_SET_ELEM_FLAGS in element else 0
+        )
+        out.append((key, bool(flags & nfnl.NFT_SET_ELEM_INTERVAL_END)))
     return out
 
 
 def test_a_cage_is_counters_then_elements_every_one_exclusive():
     msgs = cage_messages(plan())
     kinds = [m.kind for m in msgs]
-    assert kinds[:6] == [nfnl.NEWOBJ] * 6
-    assert set(kinds[6:]) == {nfnl.NEWSETELEM}
-    assert all(m.flags & nfnl.NLM_F_EXCL for m in msgs)
-    sets = [message_attrs(m)[nfnl.SET_ELEM_LIST_SET].rstrip(b"\0").decode() for m in msgs[6:]]
+    assert kinds[:6] == [nfnl.NFT_MSG_NEWOBJ] * 6
+    assert set(kinds[6:]) == {nfnl.NFT_MSG_NEWSETELEM}
+    assert all(m.flags & core.NLM_F_EXCL for m in msgs)
+    sets = [message_attrs(m)[nfnl.NFTA_SET_ELEM_LIST_SET].rstrip(b"\0").decode() for m in msgs[6:]]
     assert sets[0] == CAGES  # the count of cages that the last one's removal asks
     assert campus_sets(plan().campus_networks)[1] in sets
     assert set(COUNTER_MAPS.values()) <= set(sets)
@@ -200,28 +203,30 @@ def test_a_cage_is_counters_then_elements_every_one_exclusive():
 def test_the_first_cage_of_a_campus_list_makes_its_sets_and_rules_before_joining():
     msgs = cage_messages(plan(), with_campus_list=True)
     kinds = [m.kind for m in msgs]
-    first_rule = kinds.index(nfnl.NEWRULE)
+    first_rule = kinds.index(nfnl.NFT_MSG_NEWRULE)
     cages_set = campus_sets(plan().campus_networks)[1].encode()
-    joins = [i for i, m in enumerate(msgs) if m.kind == nfnl.NEWSETELEM and cages_set in m.body]
-    assert kinds.count(nfnl.NEWSET) == 2 and first_rule < joins[0]
+    joins = [
+        i for i, m in enumerate(msgs) if m.kind == nfnl.NFT_MSG_NEWSETELEM and cages_set in m.body
+    ]
+    assert kinds.count(nfnl.NFT_MSG_NEWSET) == 2 and first_rule < joins[0]
     assert cage_messages(plan(campus=()), with_campus_list=True) == cage_messages(plan(campus=()))
 
 
 def test_removal_drops_the_elements_before_the_counters_they_name():
     kinds = [m.kind for m in cage_removal(plan(allow_node_access=True))]
-    assert kinds == [nfnl.DELSETELEM] * 10 + [nfnl.DELOBJ] * 6
+    assert kinds == [nfnl.NFT_MSG_DELSETELEM] * 10 + [nfnl.NFT_MSG_DELOBJ] * 6
 
 
 def test_the_shared_part_is_made_exclusively_and_removed_only_if_empty():
     made = shared_messages("100.64.0.0/16", "eth0")
-    assert made[0].kind == nfnl.NEWTABLE and made[0].flags & nfnl.NLM_F_EXCL
+    assert made[0].kind == nfnl.NFT_MSG_NEWTABLE and made[0].flags & core.NLM_F_EXCL
     nets = campus_sets(["192.0.2.0/24"])[0]
     removal = shared_removal([nets])
-    assert removal[-1].kind == nfnl.DELTABLE and removal[-1].flags & nfnl.NLM_F_NONREC
+    assert removal[-1].kind == nfnl.NFT_MSG_DELTABLE and removal[-1].flags & core.NLM_F_NONREC
     only_if_empty = {
-        message_attrs(m)[nfnl.SET_NAME].rstrip(b"\0").decode()
+        message_attrs(m)[nfnl.NFTA_SET_NAME].rstrip(b"\0").decode()
         for m in removal
-        if m.kind == nfnl.DELSET and m.flags & nfnl.NLM_F_NONREC
+        if m.kind == nfnl.NFT_MSG_DELSET and m.flags & core.NLM_F_NONREC
     }
     # Every set a cage has an element in; a list's networks are not a cage's.
     assert CAGES in only_if_empty and nets + CAGES_SUFFIX in only_if_empty
@@ -229,14 +234,14 @@ def test_the_shared_part_is_made_exclusively_and_removed_only_if_empty():
 
 
 def test_kernel_errors_name_the_message_and_carry_extended_ack_text():
-    text = nfnl.attr(1, b"Chain not found\0")
+    text = core.attr(1, b"Chain not found\0")
     flags = 0x100 | 0x200  # NLM_F_CAPPED | NLM_F_ACK_TLVS: the request echoed is its header
     body = struct.pack("=i", -2) + b"\0" * 16 + text
-    message = struct.pack("=IHHII", 16 + len(body), nfnl.NLMSG_ERROR, flags, 7, 0) + body
-    [(kind, got_flags, seq, _, whole)] = nfnl._messages(message)
-    assert (kind, seq) == (nfnl.NLMSG_ERROR, 7)
-    assert nfnl.error_of(whole, got_flags) == (2, "Chain not found")
-    error = nfnl.NfnlError(2, "chain JC-x-FTX", "Chain not found")
+    message = struct.pack("=IHHII", 16 + len(body), core.NLMSG_ERROR, flags, 7, 0) + body
+    [(kind, got_flags, seq, _, whole)] = nfchannel._messages(message)
+    assert (kind, seq) == (core.NLMSG_ERROR, 7)
+    assert core.error_of(whole, got_flags) == (2, "Chain not found")
+    error = core.NetlinkError(2, "chain JC-x-FTX", "Chain not found")
     assert "chain JC-x-FTX" in str(error) and error.errno == 2
 
 
@@ -258,12 +263,12 @@ class _FakeKernel:
         self.answers: list[bytes] = []
 
     def sendall(self, batch: bytes) -> None:
-        seqs = [seq for _, _, seq, _, _ in nfnl._messages(batch)]
+        seqs = [seq for _, _, seq, _, _ in nfchannel._messages(batch)]
         begin, messages = seqs[0], seqs[1:-1]
         for seq, code in [*((s, 0) for s in messages), (begin, -self.commit_errno)]:
             body = struct.pack("=i", code) + b"\0" * 16
             self.answers.append(
-                struct.pack("=IHHII", 16 + len(body), nfnl.NLMSG_ERROR, 0x100, seq, 0) + body
+                struct.pack("=IHHII", 16 + len(body), core.NLMSG_ERROR, 0x100, seq, 0) + body
             )
 
     def recv(self, size: int, flags: int = 0) -> bytes:
@@ -279,9 +284,9 @@ def test_a_commit_that_fails_after_every_message_was_acked_is_a_failure(monkeypa
     def use():
         yield kernel
 
-    monkeypatch.setattr(nfnl._channel, "use", use)
-    with pytest.raises(nfnl.NfnlError, match="transaction") as failed:
-        nfnl.transact([nfnl.new_counter("jobcage", "JC-x-LAN-TX")])
+    monkeypatch.setattr(nfchannel._channel, "use", use)
+    with pytest.raises(core.NetlinkError, match="transaction") as failed:
+        nfchannel.transact([nfnl.new_counter("jobcage", "JC-x-LAN-TX")])
     assert failed.value.errno == errno.ENOMEM
 
 
@@ -289,14 +294,14 @@ def test_a_rule_refused_for_a_missing_expression_module_names_the_kernel_feature
     """The kernel answers ENOENT both for a missing chain (a race with the last cage)
     and for an expression it has no module for: the chain being there tells them apart."""
     chains = ["JOBCAGE-FWD-TX-CAMPUS"]
-    monkeypatch.setattr(nfnl, "table_use", lambda table: 30)
-    monkeypatch.setattr(nfnl, "set_exists", lambda table, name: False)
-    monkeypatch.setattr(nfnl, "dump_chains", lambda table: chains)
+    monkeypatch.setattr(nfchannel, "table_use", lambda table: 30)
+    monkeypatch.setattr(nfchannel, "set_exists", lambda table, name: False)
+    monkeypatch.setattr(nfchannel, "dump_chains", lambda table: chains)
 
     def refuse(messages):
-        raise nfnl.NfnlError(errno.ENOENT, "a rule of chain JOBCAGE-FWD-TX-CAMPUS")
+        raise core.NetlinkError(errno.ENOENT, "a rule of chain JOBCAGE-FWD-TX-CAMPUS")
 
-    monkeypatch.setattr(nfnl, "transact", refuse)
+    monkeypatch.setattr(nfchannel, "transact", refuse)
     monkeypatch.setattr("jobcage.network.hooks.check", lambda: None)
     with pytest.raises(KernelFeatureError, match="CONFIG_NFT_OBJREF"):
         NftablesFirewall().install(plan(), "100.64.0.0/16", lambda: "eth0")

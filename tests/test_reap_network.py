@@ -20,8 +20,8 @@ from jobcage.network import NetworkCage
 from jobcage.network import netns as netns_mod
 from jobcage.reap import reap
 from jobcage.state import StateStore
+from jobcage.testing import networld as world_mod
 
-from . import networld as world_mod
 from .cli_support import (
     alive,
     cgroup_dirs_exist,

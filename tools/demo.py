@@ -1,7 +1,7 @@
 """Run a real job in a networked cage inside a simulated worker node, print its usage.
 
 The machine's own network is never touched: the demo builds the simulated world the
-tests use (tests/networld.py) — a *node* namespace with an uplink, a router, a
+tests use (jobcage/testing/networld.py) — a *node* namespace with an uplink, a router, a
 *campus* host (192.0.2.10) and an *internet* host (203.0.113.10), each serving HTTP —
 runs JobCage inside the node, and removes everything at the end. The job downloads
 1 MiB from the campus and 2 MiB from the internet with curl, burns a little CPU and
@@ -14,13 +14,10 @@ import os
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from jobcage import Config, JobCage  # noqa: E402
-from jobcage.network import hooks  # noqa: E402
-from jobcage.usage import human_bytes  # noqa: E402
-from tests import networld  # noqa: E402
+from jobcage import Config, JobCage
+from jobcage.network import hooks
+from jobcage.testing import networld
+from jobcage.usage import human_bytes
 
 MiB = 1 << 20
 JOB = f"""

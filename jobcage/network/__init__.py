@@ -1,17 +1,20 @@
 """The network cage: a netns per job behind a veth pair, NATed out of the node's
-uplink, with iptables rules that count the job's LAN and WAN traffic.
+uplink, with packet-filter rules that count the job's LAN and WAN traffic.
 
 Modules: ``addresses`` (the address pool and its leases), ``netns`` (namespace, veth,
-addresses, routes, forwarding, DNS) over ``rtnl`` (batched raw rtnetlink), ``rules``
-(the rule layout as data), ``firewall`` (the layout over python-iptables, behind a
-small interface), ``cage`` (:class:`NetworkCage`, tying them together). See
+addresses, routes, forwarding, over :mod:`jobcage.netlink.rtnl`), ``resolv`` (a
+cage's resolv.conf), ``firewall/``
+(the :class:`~.firewall.Firewall` interface and its selection, the policy as data,
+the nftables backend over :mod:`jobcage.netlink` and the legacy x_tables one over
+python-iptables, doctor's report), ``cage`` (:class:`NetworkCage`, tying them
+together, and what reap finds without a record), ``hooks`` (the tests' guard). See
 docs/network.md.
 """
 
 from .cage import NetworkCage, Orphan, find_orphans, read_counters, remove_orphan
-from .firewall import FirewallReport, firewall_report, node_iptables_backend
+from .firewall.policy import NetCounters
+from .firewall.report import FirewallReport, firewall_report, node_iptables_backend
 from .netns import forwarding_enabled
-from .rules import NetCounters
 
 __all__ = [
     "FirewallReport",

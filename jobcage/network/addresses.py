@@ -20,7 +20,7 @@ import errno
 import fcntl
 import ipaddress
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import AddressPoolExhaustedError, ConfigError, NetworkError
@@ -75,8 +75,9 @@ class AddressPool:
                 return index
         raise AddressPoolExhaustedError(
             f"all {self.size} addresses of the pool {self.network} are leased (one /"
-            f"{self.prefixlen} per networked cage); wait for jobs to end, run `jobcage "
-            "reap` to release the leases of dead cages, or set a larger address_pool"
+            f"{self.prefixlen} per networked cage, or still routed to a veth that outlived "
+            "its cage); wait for jobs to end, run `jobcage reap` to release the leases of "
+            "dead cages, or set a larger address_pool"
         )
 
     def overlapping(self, networks: Iterable[str]) -> list[str]:
@@ -123,12 +124,23 @@ class LeaseStore:
         with self._locked():
             return self._taken()
 
-    def acquire(self, job_id: str) -> tuple[Lease, bool]:
+    def acquire(
+        self, job_id: str, held: Callable[[Lease], bool] = lambda lease: False
+    ) -> tuple[Lease, bool]:
         """Lease the lowest free subnet to ``job_id``; also say whether it is the only
-        lease (the first cage on the node, which sets up what cages share)."""
+        lease (the first cage on the node, which sets up what cages share).
+
+        A subnet is free only when nothing holds it: no lease, and not ``held`` (the
+        node still routes it to a veth whose netns outlived its cage, see
+        ``netns.address_held``); such a subnet is skipped, not leased."""
         with self._locked():
             taken = self._indexes()
-            index = self.pool.first_free(taken)
+            skipped: set[int] = set()
+            while True:
+                index = self.pool.first_free(taken | skipped)
+                if not held(self.pool.lease(index)):
+                    break
+                skipped.add(index)
             path = os.path.join(self.leases_dir, str(index))
             # O_EXCL as well as the lock: a lease written by a process that does not
             # take the lock (an older JobCage) is still never overwritten.

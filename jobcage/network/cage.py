@@ -26,17 +26,18 @@ from ..errors import (
 )
 from ..ids import netns_name as make_netns_name
 from ..ids import validate_job_id, veth_names
-from . import netns
+from . import netns, resolv
 from .addresses import AddressPool, LeaseStore
-from .firewall import Firewall, all_firewalls, open_firewall, resolve_firewall
-from .nftables import CAMPUS_PREFIX, TABLE_LABEL, all_counter_names
-from .rules import (
-    CAGE_CHAIN_PREFIX,
-    SHARED_PREFIX,
-    CagePlan,
-    NetCounters,
-    cage_plan,
+from .firewall import (
+    CAGE,
+    Firewall,
+    FirewallObject,
+    all_firewalls,
+    firewall_for_table,
+    open_firewall,
+    resolve_firewall,
 )
+from .firewall.policy import CagePlan, NetCounters, cage_plan
 
 RECORD_FORMAT = 1
 
@@ -89,6 +90,7 @@ class NetworkCage:
             pool=self.pool,
             campus_networks=self.campus_networks,
             allow_node_access=self.allow_node_access,
+            state_dir=self.state_dir,
         )
 
     def _firewall(self) -> Firewall:
@@ -120,7 +122,9 @@ class NetworkCage:
             )
         host_veth, _ = veth_names(job_id)
         firewall_backend = resolve_firewall(config.firewall)  # may refuse: before the lease
-        lease, first = LeaseStore(config.state_dir, pool).acquire(job_id)
+        lease, first = LeaseStore(config.state_dir, pool).acquire(
+            job_id, lambda lease: netns.address_held(lease.job)
+        )
         cage = cls(
             job_id=job_id,
             netns_name=make_netns_name(job_id),
@@ -160,15 +164,15 @@ class NetworkCage:
             netns.ensure_forwarding()
             cage._firewall().install(cage.plan, cage.pool, lambda: _uplink(config))
             built["rules"] = True
-            text = netns.plan_resolv_conf(
-                netns.read_text(netns.RESOLV_CONF) or "",
-                netns.read_text(netns.RESOLVED_RESOLV_CONF),
+            text = resolv.plan_resolv_conf(
+                resolv.read_text(resolv.RESOLV_CONF) or "",
+                resolv.read_text(resolv.RESOLVED_RESOLV_CONF),
                 # Proposed config field (see docs/network.md); absent until added.
                 tuple(config.dns_servers),
             )
             if text is not None:
                 built["resolv"] = True
-                cage.resolv_conf_path = netns.write_resolv_conf(cage.netns_name, text)
+                cage.resolv_conf_path = resolv.write_resolv_conf(cage.netns_name, text)
         except BaseException as e:
             errors = cage._teardown(
                 read_counters=False,
@@ -259,7 +263,7 @@ class NetworkCage:
                 if left or keep_lease
                 else self._leases().release(self.lease_index, self.job_id)
             ),
-            lambda: netns.remove_resolv_conf(self.netns_name) if remove_resolv else None,
+            lambda: resolv.remove_resolv_conf(self.netns_name) if remove_resolv else None,
         ]
         for step in steps:
             try:
@@ -288,11 +292,9 @@ class NetworkCage:
             "state_dir": self.state_dir,
             "resolv_conf_path": self.resolv_conf_path,
             "firewall": self.firewall_backend,
-            # Where an administrator finds the cage's rules: its own chains (x_tables),
-            # or its counters in the shared table (nftables).
-            "chains": {TABLE_LABEL: list(all_counter_names(plan).values())}
-            if self.firewall_backend == "nftables"
-            else {"filter": list(plan.chain_names)},
+            # Where an administrator finds the cage's rules (x_tables: its own chains;
+            # nftables: its counters in the shared table).
+            "chains": self._firewall().describe(plan),
         }
 
     @classmethod
@@ -359,7 +361,7 @@ def _uplink(config: Config) -> str:
 class Orphan:
     """A JobCage-named kernel object that no cage record claims."""
 
-    kind: str  # "netns", "veth", "chain", "lease", "shared", "campus"
+    kind: str  # "netns", "veth", "chain" (a cage's rules), "lease", "shared", "campus"
     name: str
     table: str | None = None
     # The hash of the job a veth, chain or lease belongs to: reap keeps a lease while
@@ -424,34 +426,12 @@ def find_orphans(config: Config) -> list[Orphan]:
         if n not in known_veths and n in leased_veths
     ]
     for firewall in all_firewalls():
-        chains = firewall.our_chains()
-        cage_chains = [
-            (table, c)
-            for table, names_ in chains.items()
-            for c in names_
-            if c.startswith(CAGE_CHAIN_PREFIX)
-        ]
-        # A cage's chains (x_tables) or counters (nftables) are named JC-<hash>-...
+        # A cage's rules or counters are this state dir's while it holds the lease.
         orphans += [
-            Orphan("chain", c, t, cage=h)
-            for t, c in cage_chains
-            if (h := c[len(CAGE_CHAIN_PREFIX) :].split("-", 1)[0]) not in known_hashes
-            and h in leased_hashes
+            Orphan("chain" if o.kind == CAGE else o.kind, o.name, o.table, cage=o.cage)
+            for o in firewall.orphans(known_hashes)
+            if o.kind != CAGE or o.cage in leased_hashes
         ]
-        # nftables: a campus list that no cage uses any more.
-        orphans += [
-            Orphan("campus", c, t)
-            for t, names_ in chains.items()
-            for c in names_
-            if c.startswith(CAMPUS_PREFIX)
-        ]
-        if not cage_chains:
-            for table, names_ in chains.items():
-                orphans += [
-                    Orphan("shared", c, table)
-                    for c in names_
-                    if c.startswith(SHARED_PREFIX) and not c.startswith(CAMPUS_PREFIX)
-                ]
     orphans += [
         Orphan("lease", str(i), cage=_cage_hash(veth_names(job)[0]))
         for i, job in sorted(held.items())
@@ -460,25 +440,20 @@ def find_orphans(config: Config) -> list[Orphan]:
     return orphans
 
 
-def _firewall_of(orphan: Orphan) -> Firewall:
-    """The backend whose table ``orphan`` was found in."""
-    return open_firewall("nftables" if orphan.table == TABLE_LABEL else "iptables-legacy")
-
-
 def remove_orphan(orphan: Orphan, config: Config) -> None:
     """Remove one object :func:`find_orphans` listed. The caller (reap) makes sure no
     live cage claims it; each kind is removed idempotently."""
     if orphan.kind == "netns":
         netns.remove(orphan.name)
-        netns.remove_resolv_conf(orphan.name)
+        resolv.remove_resolv_conf(orphan.name)
     elif orphan.kind == "veth":
         if not netns.is_cage_veth(orphan.name):
             raise NetworkError(f"{orphan.name} is not a JobCage veth; not removing it")
         netns.delete_link(orphan.name)
-    elif orphan.kind in ("chain", "campus"):
-        _firewall_of(orphan).remove_orphan_chain(orphan.name)
-    elif orphan.kind == "shared":
-        _firewall_of(orphan).remove_orphan_chain("")
+    elif orphan.kind in ("chain", "campus", "shared"):
+        kind = CAGE if orphan.kind == "chain" else orphan.kind
+        found = FirewallObject(kind, orphan.name, orphan.table or "", orphan.cage)
+        firewall_for_table(orphan.table).remove_orphan(found)
     elif orphan.kind == "lease":
         store = LeaseStore(config.state_dir, AddressPool(config.address_pool))
         job_id = store.held().get(int(orphan.name))

@@ -1,7 +1,9 @@
-"""The namespace side of a cage, over raw rtnetlink (:mod:`.rtnl`): the netns, the
-veth pair, addresses, the default route, forwarding and the cage's resolv.conf.
+"""The namespace side of a cage, over raw rtnetlink (:mod:`jobcage.netlink.rtnl`): the
+netns, the veth pair, addresses, the default route, forwarding, and the node's links
+and routes as the cage and `jobcage doctor` need them (its resolv.conf is
+:mod:`.resolv`'s).
 
-Costs that shape it (BASELINE.md, kernel 6.18):
+Costs that shape it (measured on the development machine, kernel 6.18):
 
 * Moving a veth end into a netns (``link set netns``) waits for an RCU grace period,
   ~32 ms; creating the pair with its peer already in the other namespace does not,
@@ -17,7 +19,7 @@ Costs that shape it (BASELINE.md, kernel 6.18):
   whose IFLA_LINK is the peer's index on the node: ~0.5 ms), and the node's side one
   write of address + up (~0.1 ms): two round trips where tools/benchmarks/floor.py
   makes three; create+remove ~1.6-1.9 ms against the floor's ~1.3-1.5 ms (the rest is
-  the IPv6 sysctls and /run/netns, which the floor skips). Why :mod:`.rtnl` encodes
+  the IPv6 sysctls and /run/netns, which the floor skips). Why :mod:`~jobcage.netlink.rtnl` encodes
   with ``struct`` and not pyroute2's message classes is in its docstring.
 * Deleting a veth synchronously costs ~30 ms (RCU again); unmounting the netns returns
   at once and the kernel's cleanup_net work deletes both ends afterwards. Teardown
@@ -27,18 +29,18 @@ Costs that shape it (BASELINE.md, kernel 6.18):
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import ipaddress
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import CageExistsError, JobCageError, KernelFeatureError, NetworkError
 from ..ids import NAME_PREFIX, VETH_PREFIX
+from ..netlink import core, rtnl
 from ..syscalls import (
     CLONE_NEWNET,
     MNT_DETACH,
@@ -48,12 +50,9 @@ from ..syscalls import (
 )
 from ..syscalls import check as _check
 from ..syscalls import libc as _libc
-from . import hooks, rtnl
+from . import hooks
 
 NETNS_RUN_DIR = "/run/netns"
-NETNS_ETC_DIR = "/etc/netns"
-RESOLV_CONF = "/etc/resolv.conf"
-RESOLVED_RESOLV_CONF = "/run/systemd/resolve/resolv.conf"
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 JOB_IFNAME = "eth0"
 LOOPBACK_IFINDEX = 1
@@ -106,32 +105,35 @@ def _write_sysctl(path: str, value: str) -> bool:
     return True
 
 
-def _netlink_error(e: BaseException, what: str | None) -> Exception:
+def _netlink_error(e: OSError, what: str | None) -> Exception:
     """A JobCage error for a refused request; ``what`` goes before the request's own
-    words (a :class:`rtnl.NetlinkError` says which request failed, and why)."""
-    code = getattr(e, "code", None)
-    text = f"{what}: {e}" if what else str(e)
+    words (a :class:`core.NetlinkError` says which request failed, and why)."""
+    code = getattr(e, "errno", None)
     request = getattr(e, "request", None)
-    creates_link = request is None or request.creates_link
+    creates_link = request is None or rtnl.creates_link(request)
     if code in (errno.EOPNOTSUPP, errno.ENOTSUP) and creates_link:
+        text = f"{what}: {e}" if what else str(e)
         return KernelFeatureError(
             f"{text}: the kernel does not support veth pairs; enable CONFIG_VETH "
             "(or load the veth module)"
         )
-    if code == errno.EPERM:
-        return NetworkError(f"{text}: JobCage needs CAP_NET_ADMIN")
-    return NetworkError(text)
+    return core.network_error(e, what)
 
 
-def _link_index(nl: rtnl.Socket, ifname: str) -> int | None:
-    """RTM_GETLINK by name: one answer, where a dump would list every link of the
-    node (hundreds with hundreds of cages)."""
+def _link(nl: rtnl.Socket, ifname: str) -> bytes | None:
+    """RTM_GETLINK by name: one answer (the link's RTM_NEWLINK, None: no such link),
+    where a dump would list every link of the node (hundreds with hundreds of cages)."""
     request = rtnl.get_link(name=ifname)
     (answer,) = nl.talk([request])
     if answer.error == errno.ENODEV:
         return None
     rtnl.raise_first_error([request], [answer])
-    return rtnl.ifinfo_index(answer.replies[0])
+    return answer.replies[0]
+
+
+def _link_index(nl: rtnl.Socket, ifname: str) -> int | None:
+    link = _link(nl, ifname)
+    return None if link is None else rtnl.ifinfo_index(link)
 
 
 def _link_names(nl: rtnl.Socket, indexes: Iterable[int]) -> dict[int, str]:
@@ -146,7 +148,7 @@ def _link_names(nl: rtnl.Socket, indexes: Iterable[int]) -> dict[int, str]:
         rtnl.raise_first_error([request], [answer])
         reply = answer.replies[0]
         name = rtnl.ifinfo_attrs(reply).get(rtnl.IFLA_IFNAME)
-        names[rtnl.ifinfo_index(reply)] = rtnl.text(name) if name else ""
+        names[rtnl.ifinfo_index(reply)] = core.text(name) if name else ""
     return names
 
 
@@ -196,7 +198,7 @@ def _peer_index(answer: rtnl.Answer) -> int | None:
     if not answer.replies:
         return None
     link = rtnl.ifinfo_attrs(answer.replies[0]).get(rtnl.IFLA_LINK)
-    return (rtnl.u32(link) or None) if link else None
+    return (core.u32(link) or None) if link else None
 
 
 def create(plan: NetnsPlan) -> None:
@@ -290,7 +292,7 @@ def create(plan: NetnsPlan) -> None:
             e.add_note(f"and removing the half-made {plan.netns_name} failed too: {cleanup}")
         if isinstance(e, JobCageError):
             raise  # CageExistsError is an OSError too: not to be wrapped below
-        if isinstance(e, rtnl.NetlinkError):
+        if isinstance(e, core.NetlinkError):
             raise _netlink_error(e, f"setting up the network of {plan.netns_name}") from e
         if isinstance(e, OSError):
             raise NetworkError(f"setting up {plan.netns_name}: {e}") from e
@@ -325,7 +327,7 @@ def delete_link(ifname: str) -> None:
             (answer,) = nl.talk([request])
             if answer.error != errno.ENODEV:
                 rtnl.raise_first_error([request], [answer])
-    except rtnl.NetlinkError as e:
+    except core.NetlinkError as e:
         raise _netlink_error(e, None) from e
 
 
@@ -339,7 +341,7 @@ def forwarding_enabled() -> bool:
         with rtnl.Socket() as nl:
             (answer,) = nl.check([rtnl.get_forwarding()])
         forwarding = rtnl.netconf_forwarding(answer.replies[0]) if answer.replies else None
-    except (rtnl.NetlinkError, OSError):
+    except (core.NetlinkError, OSError):
         forwarding = None
     if forwarding is not None:
         return forwarding
@@ -372,7 +374,7 @@ def _main_routes(nl: rtnl.Socket) -> Iterator[tuple[int, dict[int, bytes], bytes
         dst_len, table, attrs = rtnl.route_fields(message)
         # rtm_table is 8 bits; RTA_TABLE has the whole id when present.
         if rtnl.RTA_TABLE in attrs:
-            table = rtnl.u32(attrs[rtnl.RTA_TABLE])
+            table = core.u32(attrs[rtnl.RTA_TABLE])
         if table == rtnl.RT_TABLE_MAIN:
             yield dst_len, attrs, message
 
@@ -384,16 +386,16 @@ def default_route_interface() -> str:
             for dst_len, attrs, _ in _main_routes(nl):
                 if dst_len != 0:
                     continue
-                oif = rtnl.u32(attrs[rtnl.RTA_OIF]) if rtnl.RTA_OIF in attrs else None
+                oif = core.u32(attrs[rtnl.RTA_OIF]) if rtnl.RTA_OIF in attrs else None
                 hops = attrs.get(rtnl.RTA_MULTIPATH, b"")
                 if oif is None and len(hops) >= 8:
                     # struct rtnexthop: len (u16), flags, hops (u8), ifindex (int)
-                    oif = rtnl.u32(hops[4:8])
+                    oif = core.u32(hops[4:8])
                 if oif:
                     name = _link_names(nl, [oif]).get(oif)
                     if name:
                         return name
-    except rtnl.NetlinkError as e:
+    except core.NetlinkError as e:
         raise _netlink_error(e, "finding the node's uplink") from e
     raise NetworkError(
         "the node has no IPv4 default route, so JobCage cannot tell which interface to NAT "
@@ -402,13 +404,24 @@ def default_route_interface() -> str:
 
 
 def link_exists(ifname: str) -> bool:
+    return link_operstate(ifname) is not None
+
+
+def link_operstate(ifname: str) -> str | None:
+    """The link's operational state as `ip link` names it ("up", "down", "unknown"...),
+    None if there is no such link in the calling thread's netns (asked over rtnetlink:
+    /sys/class/net shows the netns sysfs was mounted in, not the caller's)."""
     if not 0 < len(ifname.encode()) < IFNAMSIZ:
-        return False  # no link can have that name (the kernel would say EINVAL)
+        return None  # no link can have that name (the kernel would say EINVAL)
     try:
         with rtnl.Socket() as nl:
-            return _link_index(nl, ifname) is not None
-    except rtnl.NetlinkError as e:
+            link = _link(nl, ifname)
+    except core.NetlinkError as e:
         raise _netlink_error(e, f"looking up {ifname!r} on the node") from e
+    if link is None:
+        return None
+    code = rtnl.ifinfo_attrs(link).get(rtnl.IFLA_OPERSTATE, b"\0")[0]
+    return rtnl.OPERSTATES[code] if code < len(rtnl.OPERSTATES) else "unknown"
 
 
 def routes_overlapping(pool: str) -> list[str]:
@@ -427,10 +440,10 @@ def routes_overlapping(pool: str) -> list[str]:
                 address = ipaddress.IPv4Address(attrs.get(rtnl.RTA_DST, bytes(4))[:4])
                 dst = ipaddress.IPv4Network((address, dst_len), strict=False)
                 if dst.overlaps(network):
-                    oif = rtnl.u32(attrs[rtnl.RTA_OIF]) if rtnl.RTA_OIF in attrs else None
+                    oif = core.u32(attrs[rtnl.RTA_OIF]) if rtnl.RTA_OIF in attrs else None
                     overlapping.append((dst, oif))
             names = _link_names(nl, [oif for _, oif in overlapping if oif])
-    except rtnl.NetlinkError as e:
+    except core.NetlinkError as e:
         raise _netlink_error(e, "checking the node's routes against the address pool") from e
     found = []
     for dst, oif in overlapping:
@@ -442,6 +455,31 @@ def routes_overlapping(pool: str) -> list[str]:
         if not is_cage_veth(dev):
             found.append(f"{dst}" + (f" dev {dev}" if dev else ""))
     return found
+
+
+def address_held(job_address: ipaddress.IPv4Interface) -> bool:
+    """Whether a route of the node still covers the subnet of ``job_address`` alone
+    (or a part of it). A veth whose netns outlived its cage (a process stuck in D
+    state, or one that left the cage's cgroup, keeps the netns) keeps its address and
+    connected route: a new cage given that subnet would get none of its traffic, so
+    the subnet is not free. One RTM_GETROUTE, answered with the route that matched."""
+    request = rtnl.get_route_match(
+        job_address.ip, f"looking up the route to {job_address.ip} on the node"
+    )
+    try:
+        with rtnl.Socket() as nl:
+            (answer,) = nl.talk([request])
+    except OSError as e:
+        raise _netlink_error(e, None) from e
+    if answer.error in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENOENT):
+        return False  # no route at all: nothing holds it
+    try:
+        rtnl.raise_first_error([request], [answer])
+    except core.NetlinkError as e:
+        raise _netlink_error(e, None) from e
+    return any(
+        rtnl.route_fields(reply)[0] >= job_address.network.prefixlen for reply in answer.replies
+    )
 
 
 def is_cage_veth(ifname: str) -> bool:
@@ -466,107 +504,7 @@ def cage_veths() -> list[str]:
     try:
         with rtnl.Socket() as nl:
             links = nl.dump(rtnl.dump_links())
-    except rtnl.NetlinkError as e:
+    except core.NetlinkError as e:
         raise _netlink_error(e, "listing the node's links") from e
-    names = (rtnl.text(rtnl.ifinfo_attrs(link).get(rtnl.IFLA_IFNAME, b"")) for link in links)
+    names = (core.text(rtnl.ifinfo_attrs(link).get(rtnl.IFLA_IFNAME, b"")) for link in links)
     return sorted(n for n in names if is_cage_veth(n))
-
-
-# -- DNS ------------------------------------------------------------------------------
-
-
-def _nameservers(text: str) -> list[str]:
-    servers = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and fields[0] == "nameserver":
-            servers.append(fields[1])
-    return servers
-
-
-def _is_loopback(server: str) -> bool:
-    try:
-        return ipaddress.ip_address(server.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def _is_ipv4(server: str) -> bool:
-    try:
-        return ipaddress.ip_address(server).version == 4
-    except ValueError:
-        return False
-
-
-def plan_resolv_conf(
-    node_text: str, resolved_text: str | None, fallback_servers: Sequence[str] = ()
-) -> str | None:
-    """The resolv.conf a cage needs, or None when the node's own works from inside.
-
-    A loopback resolver (systemd-resolved's 127.0.0.53, a local dnsmasq) is the job's
-    own ``lo`` inside the netns. Then, like `ip netns exec` with /etc/netns/NAME, the
-    job gets: systemd-resolved's list of upstream servers if it has one, else the
-    node's file without its loopback servers plus ``fallback_servers``. IPv6 servers
-    are dropped (a cage has no IPv6).
-    """
-    servers = _nameservers(node_text)
-    if not any(_is_loopback(s) for s in servers):
-        return None
-    if resolved_text is not None:
-        upstream = [s for s in _nameservers(resolved_text) if _is_ipv4(s) and not _is_loopback(s)]
-        if upstream:
-            return _only_servers(resolved_text, upstream)
-    kept = [s for s in servers if _is_ipv4(s) and not _is_loopback(s)]
-    kept += [s for s in fallback_servers if s not in kept]
-    text = _only_servers(node_text, kept)
-    if not kept:
-        text = (
-            "# JobCage: the node's resolver listens on loopback only and no other server "
-            "is known; set dns_servers in the JobCage config\n" + text
-        )
-    return text
-
-
-def _only_servers(text: str, servers: Sequence[str]) -> str:
-    lines = [line for line in text.splitlines() if line.split()[:1] != ["nameserver"]]
-    header = "# Written by JobCage for a network cage (the node's resolver is on loopback)"
-    return "\n".join([header, *lines, *(f"nameserver {s}" for s in servers)]) + "\n"
-
-
-def read_text(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def write_resolv_conf(netns_name: str, text: str) -> str:
-    """Write /etc/netns/NAME/resolv.conf, where `ip netns exec` looks too."""
-    directory = os.path.join(NETNS_ETC_DIR, netns_name)
-    # A concurrent teardown may rmdir an empty /etc/netns between makedirs' steps.
-    for _ in range(3):
-        try:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-            break
-        except FileNotFoundError:
-            continue
-    path = os.path.join(directory, "resolv.conf")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
-
-
-def remove_resolv_conf(netns_name: str) -> None:
-    directory = os.path.join(NETNS_ETC_DIR, netns_name)
-    for name in ("resolv.conf", "resolv.conf.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(directory, name))
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(directory)
-    # /etc/netns is made on demand; leave the node as it was when it is empty.
-    with contextlib.suppress(FileNotFoundError, OSError):
-        os.rmdir(NETNS_ETC_DIR)

@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [100] if args.quick else [1000, 5000]
         result["kill"] = kill.run(sizes, runs=1 if args.quick else 3)
     if "network" in sections:
-        from . import netbench
+        from . import netbench, world
 
+        result["netns_suffix"] = world.RUN_SUFFIX
         result["network"] = netbench.run(
             quick=args.quick, firewalls=tuple(args.firewall or netbench.FIREWALLS)
         )

@@ -26,7 +26,7 @@ import struct
 import subprocess
 import threading
 
-from jobcage.network.rules import NAT_CHAIN, CagePlan, SharedPlan
+from jobcage.network.firewall.policy import NAT_CHAIN, CagePlan, SharedPlan
 
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
@@ -192,12 +192,13 @@ class NftFloor:
         """(install, remove) for the node's only cage, each a list of (bytes, number
         of messages). Removal is two transactions: a set's element count drops only at
         commit, so the maps' "only if empty" delete must come after the elements'."""
-        from jobcage.network import nfnl, nftables
+        from jobcage.netlink import nfnl
+        from jobcage.network.firewall import nftables_layout as layout
 
-        add = nftables.shared_messages(shared.pool, shared.uplink)
-        add += nftables.cage_messages(plan, with_campus_list=True)
-        lists = [nftables.campus_sets(plan.campus_networks)[0]] if plan.campus_networks else []
-        removals = [nftables.cage_removal(plan), nftables.shared_removal(lists)]
+        add = layout.shared_messages(shared.pool, shared.uplink)
+        add += layout.cage_messages(plan, with_campus_list=True)
+        lists = [layout.campus_sets(plan.campus_networks)[0]] if plan.campus_networks else []
+        removals = [layout.cage_removal(plan), layout.shared_removal(lists)]
         return (
             [(nfnl.batch_bytes(add), len(add))],
             [(nfnl.batch_bytes(m), len(m)) for m in removals],

@@ -27,7 +27,7 @@ from jobcage import JobCage
 from jobcage.cgroups import probe
 from jobcage.cgroups.base import write_file
 from jobcage.network import NetworkCage
-from jobcage.network.rules import NAT_CHAIN, SharedPlan, cage_plan
+from jobcage.network.firewall.policy import NAT_CHAIN, SharedPlan, cage_plan
 
 from . import floor
 from .common import after_idle, idle, measure_interleaved, ratio

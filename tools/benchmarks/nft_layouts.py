@@ -12,7 +12,7 @@ with `nft -f`, and reports the median time the kernel spent in the batch's send
   `ifname . address`, objref maps `ifname -> counter`), campus networks in a
   concatenated interval set `ifname . network` (a pipapo set).
 * C: as B, but the campus networks in one shared interval set and the cages using them
-  in a plain set: what jobcage/network/nftables.py does now.
+  in a plain set: what jobcage/network/firewall/nftables_layout.py does now.
 
 Run as root (needs nft and strace):
 

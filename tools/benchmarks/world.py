@@ -1,6 +1,6 @@
 """The simulated node the network benchmarks run in, built and removed by the bench.
 
-Reuses the tests' world (tests/networld.py: node, router, campus and internet hosts in
+Reuses the tests' world (jobcage/testing/networld.py: node, router, campus and internet hosts in
 namespaces with a per-run suffix), so nothing here ever changes the machine's own
 network: every change runs in a thread that setns()ed into the node, and
 jobcage.network's guard refuses any change made from the namespace we started in.
@@ -9,20 +9,23 @@ jobcage.network's guard refuses any change made from the namespace we started in
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from jobcage.config import Config
-from jobcage.network import hooks, netns
+from jobcage.network import hooks, netns, resolv
 from jobcage.network.netns import NETNS_RUN_DIR
+from jobcage.testing import networld
+from jobcage.testing.networld import NetWorld
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests import networld
-from tests.networld import NetWorld
+# In every name this process makes (worlds, cages, floor namespaces), so that a check
+# for leftovers finds ours and not those of a test suite running beside the bench.
+RUN_SUFFIX = networld.unique_suffix()
+_worlds = itertools.count()
 
 
 @dataclass
@@ -43,7 +46,7 @@ def node(firewall: str = "auto") -> Iterator[Node]:
     even on failure: cages' and floor namespaces with our tag, the world, the state."""
     hooks.before_change = networld.guard
     state = tempfile.mkdtemp(prefix="jobcage-bench-")
-    suffix = networld.unique_suffix()
+    suffix = f"{RUN_SUFFIX}{next(_worlds)}"
     config = Config(
         state_dir=state,
         campus_networks=(networld.CAMPUS_NETWORK,),
@@ -51,7 +54,7 @@ def node(firewall: str = "auto") -> Iterator[Node]:
         cgroup_parent=f"/jobcage-bench-{suffix}",
         firewall=firewall,
     )
-    world = NetWorld().build()
+    world = NetWorld(suffix=suffix).build()
     tag = f"b{suffix}"
     try:
         with world.node_thread():
@@ -74,4 +77,4 @@ def _remove_leftovers(tag: str) -> None:
             with contextlib.suppress(OSError):
                 netns.remove(name)
             with contextlib.suppress(OSError):
-                netns.remove_resolv_conf(name)
+                resolv.remove_resolv_conf(name)

@@ -164,3 +164,32 @@ def counters_of_chains(
     blob = read_table(table)
     heads = chain_heads(blob)
     return [[chain_counters(blob, name, heads) for name in group] for group in chains]
+
+
+# struct xt_entry_match: u16 match_size, char name[29], u8 revision, then data; the
+# comment match's data is char comment[256].
+_MATCHES_AT = 112  # sizeof(struct ipt_entry)
+_COMMENT_MATCH = b"comment".ljust(29, b"\0")
+
+
+def first_rule_comment(blob: bytes, chain: str) -> str | None:
+    """The `-m comment` text of the first rule of user chain ``chain`` ("" if it has
+    none; None if the chain is not there or empty)."""
+    head = _head_offset(blob, chain)
+    if head is None:
+        return None
+    _, next_offset = _OFFSETS.unpack_from(blob, head + _OFFSETS_AT)
+    rule = head + next_offset
+    target_offset, _ = _OFFSETS.unpack_from(blob, rule + _OFFSETS_AT)
+    if blob[rule + target_offset + _TARGET_NAME_AT : rule + target_offset + 31] == _ERROR_TARGET:
+        return None
+    at = rule + _MATCHES_AT
+    while at < rule + target_offset:
+        (size,) = struct.unpack_from("=H", blob, at)
+        if size < _TARGET_DATA_AT:
+            break
+        if blob[at + _TARGET_NAME_AT : at + _TARGET_NAME_AT + 29] == _COMMENT_MATCH:
+            data = blob[at + _TARGET_DATA_AT : at + _TARGET_DATA_AT + 256]
+            return data.split(b"\0", 1)[0].decode(errors="replace")
+        at += size
+    return ""

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .rules import CAGE_CHAIN_PREFIX, SHARED_PREFIX, RuleSpec
+from .policy import CAGE_CHAIN_PREFIX, SHARED_PREFIX, RuleSpec
 
 IFNAMSIZ = 16
 _SRC_AT, _DST_AT, _IN_AT, _OUT_AT = 0, 4, 16, 32
@@ -78,6 +78,7 @@ def shape(spec: RuleSpec) -> tuple[object, ...]:
         _interface_shape(spec.out_interface),
         spec.ctstate,
         spec.reject_with,
+        spec.comment,
     )
 
 

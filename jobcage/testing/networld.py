@@ -1,5 +1,6 @@
-"""The simulated world the network tests run in; the machine's own network is never
-touched (DESIGN.md, "Testing on a shared machine").
+"""The simulated world the network tests, tools/demo.py and tools/benchmarks run in:
+the machine's own network is never touched, as the project's testing rules require on
+a shared machine.
 
 Four network namespaces, every name carrying a per-run suffix::
 
@@ -32,7 +33,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from jobcage.network import nfnl
+from jobcage.netlink import nfchannel
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -295,7 +296,7 @@ class NetWorld:
         self.stop_processes()
         # JobCage keeps an nfnetlink socket open in the last netns it changed (the
         # node's): close it, or it would keep the node alive after its name is gone.
-        nfnl.close()
+        nfchannel.close()
         for ns in reversed(self.built):
             result = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
             if result.returncode != 0 and "No such file" not in result.stderr:

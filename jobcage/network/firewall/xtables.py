@@ -1,11 +1,5 @@
-"""Rules and counters: the one place that talks to the node's packet filter.
-
-The cage only sees :class:`Firewall` (install a cage, remove it, read its counters).
-Two backends implement it: :class:`~.nftables.NftablesFirewall` (a table of JobCage's
-own; the default where the kernel has nf_tables) and :class:`IptablesLegacyFirewall`
-here, over python-iptables, which drives the legacy x_tables backend through libiptc.
-:func:`open_firewall` picks one by the config's ``firewall``; a cage's record names
-the backend that holds its rules.
+"""The legacy x_tables backend: :mod:`.policy`'s layout (per-cage chains) over
+python-iptables, which drives x_tables through libiptc.
 
 Facts about libiptc that shape this module:
 
@@ -22,7 +16,7 @@ Facts about libiptc that shape this module:
   ~43 µs); reading every cage at once is one copy (:meth:`Firewall.counters_many`).
 * Building a python-iptables ``Rule`` costs ~0.3 ms (extension lookup and set-up),
   so rules are compiled to raw entries once per shape and patched per cage
-  (:mod:`.compiled`).
+  (:mod:`.xtables_compiled`).
 * The libiptc handle holds a socket made in the network namespace of the thread that
   opened it, and python-iptables caches one ``Table`` per name for the whole process;
   so every operation opens a private handle, in the calling thread's namespace, under
@@ -31,24 +25,21 @@ Facts about libiptc that shape this module:
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import fcntl
 import functools
 import os
-import re
-import shutil
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any
 
-from ..errors import CageExistsError, ConfigError, KernelFeatureError, NetworkError
-from . import hooks, xtables_read
-from .compiled import Entry, EntryCache
-from .rules import (
+from ...errors import CageExistsError, KernelFeatureError, NetworkError
+from ...netlink.core import NEEDS_CAP_NET_ADMIN
+from .. import hooks
+from . import xtables_read
+from .base import SHARED, Firewall, FirewallObject, unclaimed
+from .policy import (
     CAGE_CHAIN_PREFIX,
     NAT_CHAIN,
     SHARED_PREFIX,
@@ -57,7 +48,9 @@ from .rules import (
     RuleSpec,
     SharedPlan,
     classify,
+    installation_conflict,
 )
+from .xtables_compiled import Entry, EntryCache
 
 # The lock every `iptables -w` of the node takes (iptables' XT_LOCK_NAME, overridable
 # with XTABLES_LOCKFILE as in iptables itself). It is a file, not per network namespace.
@@ -94,76 +87,6 @@ def xtables_lock(
         yield
     finally:
         os.close(fd)
-
-
-class Firewall(abc.ABC):
-    """What the cage needs from a packet filter. Implementations return JobCage types
-    only, and raise JobCage errors only."""
-
-    name: str
-
-    @abc.abstractmethod
-    def install(self, cage: CagePlan, pool: str, uplink: Callable[[], str]) -> None:
-        """Install the cage's chains and jumps, and what cages share if missing (the
-        uplink is asked for only then). All or nothing."""
-
-    @abc.abstractmethod
-    def remove(self, cage: CagePlan) -> bool:
-        """Remove the cage's chains and jumps, and what cages share if it was the last
-        (then returns True). Idempotent."""
-
-    @abc.abstractmethod
-    def counters(self, cage: CagePlan) -> NetCounters:
-        """The cage's counters now. Raises NetworkError if its chains are gone."""
-
-    @abc.abstractmethod
-    def counters_many(self, cages: Sequence[CagePlan]) -> dict[str, NetCounters | None]:
-        """host veth -> counters of every cage given, read in one pass over the rules
-        (None for a cage whose chains are gone): for `jobcage list` and monitoring."""
-
-    @abc.abstractmethod
-    def remove_orphan_chain(self, name: str) -> bool:
-        """Remove a JobCage chain that no record names (or none: only check what cages
-        share), its jumps, and the shared part if nothing uses it any more (then
-        returns True). For `jobcage reap`; walks the shared chains."""
-
-    @abc.abstractmethod
-    def our_chains(self) -> dict[str, list[str]]:
-        """table -> names of every JobCage chain in it (for reap and doctor)."""
-
-
-def open_firewall(name: str = "auto") -> Firewall:
-    """The backend ``name`` (a config ``firewall`` value, or a record's)."""
-    resolved = resolve_firewall(name)
-    if resolved == "nftables":
-        from .nftables import NftablesFirewall
-
-        return NftablesFirewall()
-    return IptablesLegacyFirewall()
-
-
-def resolve_firewall(name: str) -> str:
-    """The backend a config's ``firewall`` means on this kernel ("auto": nftables
-    where the kernel has nf_tables, else iptables-legacy)."""
-    if name == "auto":
-        return "nftables" if _nf_tables_available() else IptablesLegacyFirewall.name
-    if name not in ("nftables", IptablesLegacyFirewall.name):
-        raise ConfigError(f"firewall = {name!r}: expected auto, nftables or iptables-legacy")
-    return name
-
-
-@functools.cache
-def _nf_tables_available() -> bool:
-    from . import nfnl
-
-    return nfnl.available()
-
-
-def all_firewalls() -> list[Firewall]:
-    """Every backend, for reap and doctor: a node may hold cages of both (a config
-    changed while jobs ran)."""
-    legacy: Firewall = IptablesLegacyFirewall()
-    return [open_firewall("nftables"), legacy] if _nf_tables_available() else [legacy]
 
 
 # -- python-iptables ------------------------------------------------------------------
@@ -206,7 +129,7 @@ def _translate(e: BaseException, what: str) -> Exception:
     if "Table does not exist" in text or "No chain/target/match" in text:
         return KernelFeatureError(f"{what}: {text}; {_MISSING_EXTENSION}")
     if "Permission denied" in text or "Operation not permitted" in text:
-        return NetworkError(f"{what}: {text}; JobCage needs root (CAP_NET_ADMIN)")
+        return NetworkError(f"{what}: {text}; {NEEDS_CAP_NET_ADMIN}")
     return NetworkError(f"{what}: {text}")
 
 
@@ -246,6 +169,8 @@ def _render(spec: RuleSpec, table: Any) -> Any:
     if spec.ctstate:
         match = rule.create_match("conntrack")
         match.ctstate = spec.ctstate
+    if spec.comment:
+        rule.create_match("comment").comment = spec.comment
     target = rule.create_target(spec.target)
     if spec.reject_with:
         target.reject_with = spec.reject_with
@@ -305,9 +230,10 @@ def _delete_jumps_to(table: Any, chain: str, target: str) -> None:
 
 
 class IptablesLegacyFirewall(Firewall):
-    """The layout of :mod:`jobcage.network.rules` over libiptc (legacy x_tables)."""
+    """The layout of :mod:`.policy` over libiptc (legacy x_tables)."""
 
     name = "iptables-legacy"
+    tables = ("filter", "nat")
 
     def _change(self) -> contextlib.AbstractContextManager[None]:
         hooks.check()
@@ -324,6 +250,7 @@ class IptablesLegacyFirewall(Firewall):
                             f"iptables chain {name} already exists: a cage with this job "
                             "id, or its leftover, is on the node; run `jobcage reap`"
                         )
+                self._check_owner(cage)
                 self._ensure_shared_filter(filt, SharedPlan(pool, "unused"))
                 for spec in cage.chains:
                     filt.create_chain(spec.name)
@@ -338,7 +265,7 @@ class IptablesLegacyFirewall(Firewall):
             finally:
                 filt.close()
             try:
-                self._ensure_nat(pool, uplink)
+                self._ensure_nat(pool, uplink, cage.owner)
             except BaseException:
                 self._remove_locked(cage)
                 raise
@@ -360,13 +287,27 @@ class IptablesLegacyFirewall(Firewall):
             if not _has_jump(filt, jump.chain, jump.rule.target):
                 _insert(filt, jump.chain, jump.rule)
 
-    def _ensure_nat(self, pool: str, uplink: Callable[[], str]) -> None:
+    @staticmethod
+    def _check_owner(cage: CagePlan) -> None:
+        """Refuse a cage of another installation than the one the NAT serves (its
+        MASQUERADE rule's comment): the shared rules cover one pool and state dir.
+        Asked under the xtables lock, before anything is changed."""
+        if not cage.owner:
+            return
+        try:
+            theirs = xtables_read.first_rule_comment(xtables_read.read_table("nat"), NAT_CHAIN)
+        except OSError as e:
+            raise NetworkError(f"reading the node's nat table: {e}") from e
+        if theirs is not None and theirs != cage.owner:
+            raise installation_conflict(cage.owner, theirs or "an older JobCage (no owner)")
+
+    def _ensure_nat(self, pool: str, uplink: Callable[[], str], owner: str = "") -> None:
         iptc = _iptc()
         nat = _table("nat")
         try:
             changed = False
             if not nat.is_chain(NAT_CHAIN):
-                shared = SharedPlan(pool, uplink())
+                shared = SharedPlan(pool, uplink(), owner)
                 nat.create_chain(NAT_CHAIN)
                 for rule in shared.nat_chain.rules:
                     _append(nat, NAT_CHAIN, rule)
@@ -388,8 +329,8 @@ class IptablesLegacyFirewall(Firewall):
 
     def _remove_locked(self, cage: CagePlan) -> bool:
         iptc = _iptc()
-        filt = _table("filter")
-        try:
+
+        def edit(filt: Any) -> None:
             for jump, name in zip(cage.jumps, cage.chain_names, strict=True):
                 if not filt.is_chain(name):
                     continue
@@ -401,10 +342,20 @@ class IptablesLegacyFirewall(Firewall):
                         _delete_jumps_to(filt, jump.chain, name)
                 filt.flush_entries(name)
                 filt.delete_chain(name)
+
+        return self._remove_from_filter(edit, f"removing the rules of cage {cage.host_veth}")
+
+    def _remove_from_filter(self, edit: Callable[[Any], None], what: str) -> bool:
+        """Apply ``edit`` to the filter table, remove the shared chains (and the NAT)
+        if no cage is left, commit; True if the shared part went."""
+        iptc = _iptc()
+        filt = _table("filter")
+        try:
+            edit(filt)
             last = self._remove_shared_filter_if_unused(filt)
             filt.commit()
         except (iptc.IPTCError, iptc.XTablesError) as e:
-            raise _translate(e, f"removing the rules of cage {cage.host_veth}") from e
+            raise _translate(e, what) from e
         finally:
             filt.close()
         if last:
@@ -444,28 +395,41 @@ class IptablesLegacyFirewall(Firewall):
         finally:
             nat.close()
 
-    def remove_orphan_chain(self, name: str) -> bool:
+    def describe(self, cage: CagePlan) -> dict[str, list[str]]:
+        return {"filter": list(cage.chain_names)}
+
+    def orphans(self, claimed: Container[str]) -> list[FirewallObject]:
+        return unclaimed(self._our_chains(), claimed)
+
+    def remove_orphan(self, orphan: FirewallObject) -> bool:
+        """A cage's chain (each of its chains is listed, and removed, on its own), or
+        what cages share."""
+        return self._remove_orphan_chain("" if orphan.kind == SHARED else orphan.name)
+
+    def problem(self) -> str | None:
+        try:
+            _iptc()
+        except KernelFeatureError as e:
+            return str(e)
+        return None
+
+    def _remove_orphan_chain(self, name: str) -> bool:
+        """Remove a JobCage chain that no record names (or none: only check what cages
+        share), its jumps, and the shared part if nothing uses it any more (then
+        returns True)."""
         if name and not name.startswith(CAGE_CHAIN_PREFIX):
             raise NetworkError(f"{name} is not a per-cage JobCage chain; not removing it")
-        iptc = _iptc()
+
+        def edit(filt: Any) -> None:
+            if name and filt.is_chain(name):
+                for shared in SharedPlan("0.0.0.0/0", "unused").filter_chains:
+                    if filt.is_chain(shared):
+                        _delete_jumps_to(filt, shared, name)
+                filt.flush_entries(name)
+                filt.delete_chain(name)
+
         with _process_lock, self._change():
-            filt = _table("filter")
-            try:
-                if name and filt.is_chain(name):
-                    for shared in SharedPlan("0.0.0.0/0", "unused").filter_chains:
-                        if filt.is_chain(shared):
-                            _delete_jumps_to(filt, shared, name)
-                    filt.flush_entries(name)
-                    filt.delete_chain(name)
-                last = self._remove_shared_filter_if_unused(filt)
-                filt.commit()
-            except (iptc.IPTCError, iptc.XTablesError) as e:
-                raise _translate(e, f"removing the orphaned chain {name}") from e
-            finally:
-                filt.close()
-            if last:
-                self._remove_nat()
-        return last
+            return self._remove_from_filter(edit, f"removing the orphaned chain {name}")
 
     def counters(self, cage: CagePlan) -> NetCounters:
         found = self._read([cage])[0]
@@ -491,7 +455,8 @@ class IptablesLegacyFirewall(Firewall):
         except OSError as e:
             raise _translate(e, "reading the cages' counters") from e
 
-    def our_chains(self) -> dict[str, list[str]]:
+    def _our_chains(self) -> dict[str, list[str]]:
+        """table -> names of every JobCage chain in it."""
         found: dict[str, list[str]] = {}
         # Opening a legacy table the kernel has not instantiated in this netns creates
         # it (tables are made per netns on first use); a table that is not listed holds
@@ -521,117 +486,3 @@ def _legacy_tables() -> set[str]:
             return set(f.read().split())
     except FileNotFoundError:  # ip_tables not loaded: no legacy table at all
         return set()
-
-
-# -- which backend the node's own `iptables` is ---------------------------------------
-
-
-@dataclass(frozen=True)
-class FirewallReport:
-    """For `jobcage doctor`: where the node's rules live and what to worry about."""
-
-    node_iptables: str  # "nf_tables", "legacy" or "missing"
-    jobcage_backend: str
-    legacy_rules: int | None
-    nft_rules: int | None
-    warnings: list[str] = field(default_factory=list)
-
-
-@functools.cache
-def node_iptables_backend() -> str:
-    """Which flavour the node's `iptables` command is: its --version says so."""
-    exe = shutil.which("iptables")
-    if exe is None:
-        return "missing"
-    try:
-        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "missing"
-    match = re.search(r"\((nf_tables|legacy)\)", out.stdout)
-    return match.group(1) if match else "legacy"
-
-
-def _save(command: str) -> str | None:
-    exe = shutil.which(command)
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe], capture_output=True, text=True, timeout=30, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout
-
-
-def _count_rules(saved: str | None) -> int | None:
-    if saved is None:
-        return None
-    return sum(1 for line in saved.splitlines() if line.startswith("-A "))
-
-
-def _forward_drops(saved: str | None) -> bool:
-    """Whether a saved ruleset's filter FORWARD policy is DROP (Docker sets it)."""
-    return saved is not None and any(
-        line.startswith(":FORWARD DROP") for line in saved.splitlines()
-    )
-
-
-def firewall_report(backend: str = "auto") -> FirewallReport:
-    """Detect the node's iptables flavour, where JobCage's rules go (``backend``, the
-    config's ``firewall``) and what on the node would interfere with them."""
-    node = node_iptables_backend()
-    ours = resolve_firewall(backend)
-    legacy_saved = _save("iptables-legacy-save")
-    nft_saved = _save("iptables-nft-save")
-    legacy, nft = _count_rules(legacy_saved), _count_rules(nft_saved)
-    warnings = []
-    if node == "missing":
-        warnings.append(
-            "no `iptables` command: install the iptables package (python-iptables needs "
-            "its libiptc and extensions)"
-        )
-    if ours == "nftables":
-        drops = [
-            flavour
-            for flavour, saved in (("legacy", legacy_saved), ("nf_tables", nft_saved))
-            if _forward_drops(saved)
-        ]
-        if drops:
-            warnings.append(
-                f"the node's {' and '.join(drops)} iptables FORWARD policy is DROP, and "
-                "JobCage's accepts (table ip jobcage) do not override another table's "
-                "drop: the cages get no traffic out. Add `iptables -I FORWARD -i jc+ -j "
-                "ACCEPT` and `iptables -I FORWARD -o jc+ -j ACCEPT` to the node's rules "
-                '(with that flavour\'s iptables), or set firewall = "iptables-legacy"'
-            )
-    elif node == "nf_tables":
-        warnings.append(
-            "the node's `iptables` is the nf_tables flavour but JobCage's rules are legacy "
-            "x_tables: see them with `iptables-legacy-save`, not `iptables -L`; a packet "
-            "must pass both, so an nf_tables FORWARD policy of DROP also needs an accept "
-            "for the cages' pool"
-        )
-    if legacy and nft:
-        warnings.append(
-            f"rules live in both backends ({legacy} legacy, {nft} nf_tables): both are "
-            "evaluated for every packet; keep the node's own rules in one of them"
-        )
-    return FirewallReport(
-        node_iptables=node,
-        jobcage_backend=ours,
-        legacy_rules=legacy,
-        nft_rules=nft,
-        warnings=warnings,
-    )
-
-
-__all__ = [
-    "Firewall",
-    "FirewallReport",
-    "IptablesLegacyFirewall",
-    "all_firewalls",
-    "firewall_report",
-    "node_iptables_backend",
-    "open_firewall",
-    "resolve_firewall",
-    "xtables_lock",
-]

@@ -1,7 +1,7 @@
 """The rule layout of the network cages, as plain data: what to install, and which
 counters mean what. No kernel calls here, so it is unit-tested without root.
 
-This is the x_tables layout, and the policy: the nftables backend (:mod:`.nftables`)
+This is the x_tables layout, and the policy: the nftables backend (:mod:`.nftables_layout`)
 lays the same policy and classes out as shared rules over per-cage set elements.
 
 Layout (filter table; ``jc+`` matches every cage's node-side veth)::
@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..ids import VETH_PREFIX
+from ...errors import ConfigError
+from ...ids import VETH_PREFIX
 
 # Shared chains, made with the first cage on a node and removed with the last.
 FWD_TX_CHAIN = "JOBCAGE-FWD-TX"
@@ -50,6 +52,12 @@ SHARED_PREFIX = "JOBCAGE-"
 # x_tables.h), these take 19.
 CAGE_CHAIN_PREFIX = "JC-"
 VETH_WILDCARD = VETH_PREFIX + "+"
+
+
+def cage_hash_of(name: str) -> str:
+    """The cage hash in a per-cage name (``JC-<hash>-...``: a chain, a counter)."""
+    return name[len(CAGE_CHAIN_PREFIX) :].split("-", 1)[0]
+
 
 # Which class a counting rule adds to.
 LAN_TX, LAN_RX, WAN_TX, WAN_RX = "lan_tx", "lan_rx", "wan_tx", "wan_rx"
@@ -93,6 +101,7 @@ class RuleSpec:
     reject_with: str | None = None
     # The class this rule's counters add to; None for rules that do not count.
     counts: str | None = None
+    comment: str | None = None  # `-m comment`: the installation owning the NAT
 
     def to_iptables(self) -> str:
         """The rule as `iptables -A` arguments: for docs, error texts and tests."""
@@ -107,6 +116,8 @@ class RuleSpec:
             parts += ["-d", self.destination]
         if self.ctstate:
             parts += ["-m", "conntrack", "--ctstate", self.ctstate]
+        if self.comment:
+            parts += ["-m", "comment", "--comment", repr(self.comment)]
         parts += ["-j", self.target]
         if self.reject_with:
             parts += ["--reject-with", self.reject_with]
@@ -133,6 +144,7 @@ class SharedPlan:
 
     pool: str
     uplink: str
+    owner: str = ""  # see installation_owner
 
     @property
     def filter_chains(self) -> tuple[str, ...]:
@@ -149,7 +161,8 @@ class SharedPlan:
 
     @property
     def nat_chain(self) -> ChainSpec:
-        return ChainSpec(NAT_CHAIN, (RuleSpec("MASQUERADE", out_interface=self.uplink),))
+        masquerade = RuleSpec("MASQUERADE", out_interface=self.uplink, comment=self.owner or None)
+        return ChainSpec(NAT_CHAIN, (masquerade,))
 
     @property
     def nat_jump(self) -> Jump:
@@ -166,6 +179,8 @@ class CagePlan:
     pool: str
     campus_networks: tuple[str, ...]
     allow_node_access: bool
+    # The installation whose shared rules this cage needs (installation_owner).
+    owner: str = ""
 
     def chain_name(self, suffix: str) -> str:
         return f"{CAGE_CHAIN_PREFIX}{self.cage_hash}-{suffix}"
@@ -238,14 +253,41 @@ def cage_plan(
     pool: str,
     campus_networks: Iterable[str],
     allow_node_access: bool,
+    state_dir: str | None = None,
 ) -> CagePlan:
+    pool = str(ipaddress.IPv4Network(pool))
     return CagePlan(
         cage_hash=cage_hash,
         host_veth=host_veth,
         address=str(address),
-        pool=str(ipaddress.IPv4Network(pool)),
+        pool=pool,
         campus_networks=tuple(str(ipaddress.IPv4Network(n)) for n in campus_networks),
         allow_node_access=allow_node_access,
+        owner=installation_owner(pool, state_dir) if state_dir else "",
+    )
+
+
+# What the owner text may hold: an x_tables comment and nft's table comment both end
+# at 256 bytes with their NUL.
+OWNER_MAX_BYTES = 240
+
+
+def installation_owner(pool: str, state_dir: str) -> str:
+    """The installation whose cages share the node's rules, as the rules carry it (a
+    comment): one pool and one state dir a node. The shared rules cover one pool (NAT,
+    cage to cage), and two state dirs lease the same addresses apart, so a second
+    installation is refused rather than half served (see docs/network.md)."""
+    text = f"address_pool {pool} state_dir {os.path.realpath(state_dir)}"
+    return text.encode()[:OWNER_MAX_BYTES].decode(errors="ignore")
+
+
+def installation_conflict(ours: str, theirs: str) -> ConfigError:
+    """A cage refused because the node's shared rules serve another installation."""
+    return ConfigError(
+        f"this cage's {ours} cannot share the node with the running cages of {theirs}: "
+        "a node's cages share one NAT and one cage-to-cage rule, for one pool and one state "
+        "dir. Set address_pool and state_dir back to theirs, or change them only once "
+        "those cages are gone (`jobcage list` with that state dir shows them)"
     )
 
 

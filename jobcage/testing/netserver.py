@@ -4,7 +4,9 @@ Run as ``python netserver.py PORT``; prints ``ready`` once both sockets are boun
 the test waits on a pipe, not a clock. On PORT:
 
 * TCP, HTTP/1.0: ``GET /bytes/N`` answers N bytes; ``PUT``/``POST`` reads the body
-  and answers how many bytes it got.
+  and answers how many bytes it got. Broken answers for the fetcher's tests:
+  ``GET /truncated/N`` promises N bytes and closes after N/2; ``GET /nolength/N``
+  sends N bytes with no Content-Length (only the closed connection ends them).
 * UDP: a datagram ``send COUNT SIZE`` is answered with COUNT datagrams of SIZE bytes
   to its sender; any other datagram is swallowed.
 """
@@ -28,14 +30,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         parts = self.path.strip("/").split("/")
-        if len(parts) != 2 or parts[0] != "bytes" or not parts[1].isdigit():
+        kinds = ("bytes", "truncated", "nolength")
+        if len(parts) != 2 or parts[0] not in kinds or not parts[1].isdigit():
             self.send_error(404)
             return
         size = int(parts[1])
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(size))
+        if parts[0] != "nolength":
+            self.send_header("Content-Length", str(size))
         self.end_headers()
+        if parts[0] == "truncated":
+            size //= 2
         block = b"x" * CHUNK
         while size > 0:
             n = min(size, CHUNK)

@@ -26,31 +26,37 @@ requests are byte for byte what pyroute2's ``IPRoute`` sent for them before
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
-import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-# netlink.h
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
-NLM_F_ACK = 0x4
-NLM_F_DUMP_INTR = 0x10
-NLM_F_DUMP = 0x300
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
-NLM_F_CAPPED = 0x100  # on an NLMSG_ERROR: the request is not echoed, only its header
-NLM_F_ACK_TLVS = 0x200  # on an NLMSG_ERROR: extended ack attributes follow
-NLMSGERR_ATTR_MSG = 1
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
-NETLINK_EXT_ACK = 11
+from .core import (
+    HEADER,
+    NETLINK_ROUTE,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_EXCL,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    RECV_BUFFER,
+    NetlinkError,
+    Request,
+    attr,
+    attr_str,
+    attr_u32,
+    attrs,
+    error_of,
+    messages,
+    open_socket,
+)
+from .core import (
+    message as framed,
+)
 
 # rtnetlink.h
 RTM_NEWLINK = 16
@@ -60,6 +66,7 @@ RTM_NEWADDR = 20
 RTM_NEWROUTE = 24
 RTM_GETROUTE = 26
 RT_TABLE_MAIN = 254
+RTM_F_FIB_MATCH = 0x2000  # RTM_GETROUTE: answer with the route that matched (4.13+)
 RTPROT_STATIC = 4  # what pyroute2's route("add") set, and `ip route` shows as "proto static"
 RT_SCOPE_UNIVERSE = 0
 RTN_UNICAST = 1
@@ -71,8 +78,11 @@ RTA_TABLE = 15
 
 # if_link.h, if_addr.h, veth.h
 IFF_UP = 0x1
+# enum if_oper_state (RFC 2863 operational states), as `ip link` prints them.
+OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
 IFLA_IFNAME = 3
 IFLA_LINK = 5
+IFLA_OPERSTATE = 16
 IFLA_LINKINFO = 18
 IFLA_NET_NS_FD = 28
 IFLA_INFO_KIND = 1
@@ -88,50 +98,14 @@ NETCONFA_IFINDEX = 1
 NETCONFA_FORWARDING = 2
 NETCONFA_IFINDEX_ALL = -1
 
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol,
 # scope, type, flags
-_ATTR = struct.Struct("=HH")
-RECV_BUFFER = 1 << 16  # the kernel never builds a dump skb larger than 32 KiB
 
 
-class NetlinkError(OSError):
-    """A request the kernel refused: ``code`` is the errno, ``what`` the request in
-    words, ``kernel_message`` the kernel's extended ack text, if it gave one, and
-    ``request`` the request itself, when known."""
-
-    def __init__(
-        self, code: int, what: str, kernel_message: str = "", request: Request | None = None
-    ) -> None:
-        text = os.strerror(code)
-        if kernel_message:
-            text += f" ({kernel_message})"
-        super().__init__(code, text)
-        self.code = code
-        self.what = what
-        self.kernel_message = kernel_message
-        self.request = request
-
-    def __str__(self) -> str:
-        return f"{self.what}: {self.strerror}"
-
-
-@dataclass(frozen=True)
-class Request:
-    kind: int
-    flags: int
-    body: bytes
-    what: str  # the request in words, for errors
-
-    @property
-    def is_dump(self) -> bool:
-        return self.flags & NLM_F_DUMP == NLM_F_DUMP
-
-    @property
-    def creates_link(self) -> bool:
-        return self.kind == RTM_NEWLINK and bool(self.flags & NLM_F_CREATE)
+def creates_link(request: Request) -> bool:
+    return request.kind == RTM_NEWLINK and bool(request.flags & NLM_F_CREATE)
 
 
 @dataclass
@@ -148,19 +122,6 @@ class Answer:
 # -- encoding -------------------------------------------------------------------------
 
 
-def attr(kind: int, data: bytes) -> bytes:
-    body = _ATTR.pack(4 + len(data), kind) + data
-    return body + b"\0" * (-len(body) % 4)
-
-
-def attr_str(kind: int, text: str) -> bytes:
-    return attr(kind, text.encode() + b"\0")
-
-
-def attr_u32(kind: int, value: int) -> bytes:
-    return attr(kind, struct.pack("=I", value))
-
-
 def ifinfomsg(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
     return _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
 
@@ -168,12 +129,12 @@ def ifinfomsg(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
 def encode(requests: Sequence[Request], first_seq: int) -> bytes:
     """The batch as sent, numbered from ``first_seq``. Each message but a dump asks for
     an ack (a dump ends with NLMSG_DONE instead; the kernel never acks one)."""
-    out = []
-    for seq, request in enumerate(requests, first_seq):
-        flags = request.flags | NLM_F_REQUEST | (0 if request.is_dump else NLM_F_ACK)
-        out.append(_HEADER.pack(_HEADER.size + len(request.body), request.kind, flags, seq, 0))
-        out.append(request.body)
-    return b"".join(out)
+    return b"".join(
+        framed(
+            request.kind, request.flags | (0 if request.is_dump else NLM_F_ACK), seq, request.body
+        )
+        for seq, request in enumerate(requests, first_seq)
+    )
 
 
 def new_veth(
@@ -245,51 +206,19 @@ def dump_links(what: str = "listing the links") -> Request:
     return Request(RTM_GETLINK, NLM_F_DUMP, ifinfomsg(), what)
 
 
+def get_route_match(dst: ipaddress.IPv4Address, what: str) -> Request:
+    """RTM_GETROUTE of one destination, answered with the FIB entry that matched
+    (RTM_F_FIB_MATCH) rather than a computed route: its prefix says which route."""
+    body = _RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH)
+    return Request(RTM_GETROUTE, 0, body + attr(RTA_DST, dst.packed), what)
+
+
 def dump_routes(what: str = "listing the IPv4 routes") -> Request:
     body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
     return Request(RTM_GETROUTE, NLM_F_DUMP, body, what)
 
 
 # -- decoding -------------------------------------------------------------------------
-
-
-def messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
-    """(type, flags, seq, whole message) of each netlink message in ``data``."""
-    at = 0
-    while at + _HEADER.size <= len(data):
-        length, kind, flags, seq, _ = _HEADER.unpack_from(data, at)
-        if length < _HEADER.size or at + length > len(data):
-            raise ValueError(f"malformed netlink message at byte {at} (length {length})")
-        yield kind, flags, seq, data[at : at + length]
-        at += (length + 3) & ~3
-
-
-def attrs(data: bytes, at: int = 0) -> dict[int, bytes]:
-    """The attributes in ``data`` from ``at`` on, by type (the nested flag dropped);
-    the first of each type wins."""
-    found: dict[int, bytes] = {}
-    while at + _ATTR.size <= len(data):
-        length, kind = _ATTR.unpack_from(data, at)
-        if length < _ATTR.size:
-            break
-        found.setdefault(kind & 0x3FFF, data[at + _ATTR.size : at + length])
-        at += (length + 3) & ~3
-    return found
-
-
-def error_of(message: bytes, flags: int) -> tuple[int, str]:
-    """The errno (positive, 0 for an ack) and the kernel's text of an NLMSG_ERROR."""
-    (error,) = struct.unpack_from("=i", message, _HEADER.size)
-    text = ""
-    if error and flags & NLM_F_ACK_TLVS:
-        if flags & NLM_F_CAPPED:
-            echoed = _HEADER.size
-        else:
-            (echoed,) = struct.unpack_from("=I", message, _HEADER.size + 4)
-        tlvs = attrs(message, _HEADER.size + 4 + ((echoed + 3) & ~3))
-        raw = tlvs.get(NLMSGERR_ATTR_MSG, b"")
-        text = raw.split(b"\0", 1)[0].decode(errors="replace")
-    return -error, text
 
 
 def collect(data: bytes, answers: dict[int, Answer], done: set[int]) -> None:
@@ -303,8 +232,8 @@ def collect(data: bytes, answers: dict[int, Answer], done: set[int]) -> None:
             answer.error, answer.kernel_message = error_of(message, flags)
             done.add(seq)
         elif kind == NLMSG_DONE:
-            if len(message) >= _HEADER.size + 4:  # the dump's own error, or 0
-                answer.error = -struct.unpack_from("=i", message, _HEADER.size)[0]
+            if len(message) >= HEADER.size + 4:  # the dump's own error, or 0
+                answer.error = -struct.unpack_from("=i", message, HEADER.size)[0]
             answer.interrupted |= bool(flags & NLM_F_DUMP_INTR)
             done.add(seq)
         else:
@@ -314,30 +243,22 @@ def collect(data: bytes, answers: dict[int, Answer], done: set[int]) -> None:
 
 def netconf_forwarding(message: bytes) -> bool | None:
     """NETCONFA_FORWARDING of an RTM_NEWNETCONF reply; None if it does not say."""
-    value = attrs(message, _HEADER.size + 4).get(NETCONFA_FORWARDING)
+    value = attrs(message, HEADER.size + 4).get(NETCONFA_FORWARDING)
     return struct.unpack("=i", value[:4])[0] != 0 if value else None
 
 
 def ifinfo_index(message: bytes) -> int:
-    return _IFINFOMSG.unpack_from(message, _HEADER.size)[2]
+    return _IFINFOMSG.unpack_from(message, HEADER.size)[2]
 
 
 def ifinfo_attrs(message: bytes) -> dict[int, bytes]:
-    return attrs(message, _HEADER.size + _IFINFOMSG.size)
+    return attrs(message, HEADER.size + _IFINFOMSG.size)
 
 
 def route_fields(message: bytes) -> tuple[int, int, dict[int, bytes]]:
     """(dst_len, table, attributes) of an RTM_NEWROUTE."""
-    _, dst_len, _, _, table, _, _, _, _ = _RTMSG.unpack_from(message, _HEADER.size)
-    return dst_len, table, attrs(message, _HEADER.size + _RTMSG.size)
-
-
-def u32(data: bytes) -> int:
-    return struct.unpack_from("=I", data)[0]
-
-
-def text(data: bytes) -> str:
-    return data.split(b"\0", 1)[0].decode(errors="replace")
+    _, dst_len, _, _, table, _, _, _, _ = _RTMSG.unpack_from(message, HEADER.size)
+    return dst_len, table, attrs(message, HEADER.size + _RTMSG.size)
 
 
 # -- the socket -----------------------------------------------------------------------
@@ -348,13 +269,7 @@ class Socket:
     whatever the thread does afterwards."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
-        )
-        # Errors carry the kernel's explanation and not a copy of the request.
-        for option in (NETLINK_EXT_ACK, NETLINK_CAP_ACK):
-            with contextlib.suppress(OSError):  # older kernels: plain errors
-                self._sock.setsockopt(SOL_NETLINK, option, 1)
+        self._sock = open_socket(NETLINK_ROUTE)
         self._seq = 0
 
     def close(self) -> None:
