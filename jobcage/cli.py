@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import admin, batch, doctor, fetch, reap, runner
-from .config import Config, load_config
+from .config import Config, check_value, load_config
 from .errors import (
     CageExistsError,
     CageNotFoundError,
@@ -209,6 +209,8 @@ def _config(
         if not sep:
             raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set grace_seconds=60")
         key = key.strip().replace("-", "_")
+        # Checked even when a flag of its own overrides it: a bad value is never silent.
+        check_value(key, value, f"--set {key}")
         if key not in overrides:
             overrides[key], origins[key] = value, f"--set {key}"
     for key in ("state_dir", "cgroup_parent"):
