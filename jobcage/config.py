@@ -29,9 +29,15 @@ DEFAULT_CGROUP_PARENT_NAME = "jobcage"
 # campus's RFC 1918 range nor a public one. Each cage takes a /30 of it.
 DEFAULT_ADDRESS_POOL = ipaddress.IPv4Network("100.64.0.0/16")
 FIREWALLS = ("auto", "nftables", "iptables-legacy")
+# A unique local prefix (RFC 4193): never routed beyond the node, NATed out like the
+# IPv4 pool. A /64 per cage (65,536 of them).
+DEFAULT_IPV6_POOL = "fd6a:6f62:6361::/48"
+IPV6_MODES = ("auto", "nat", "routed", "off")
 CGROUP_VERSIONS = ("auto", "1", "2")
-# The prefix length of one cage's subnet (network/addresses.py hands out /30s).
+# The prefix length of one cage's subnet (network/addresses.py hands out /30s, and
+# /64s of ipv6_pool).
 CAGE_PREFIXLEN = 30
+CAGE_PREFIXLEN6 = 64
 # The cgroup v1 controllers the kernel can have (/proc/cgroups). A cage joins those
 # listed that the node mounts; freezer is required, since teardown freezes the cage
 # so that no process can fork while every one is being killed.
@@ -108,6 +114,12 @@ class Config:
     firewall: str = "auto"
     # Seconds between forwarding SIGTERM to a job and tearing its cage down.
     grace_seconds: float = 30.0
+    # IPv6 for networked cages (docs/network.md): "nat" (NAT66 out of the uplink),
+    # "routed" (ipv6_pool is a global prefix the site routes to the node), "off", or
+    # "auto": "nat" when the node has IPv6 enabled, else "off".
+    ipv6: str = "auto"
+    # The cages' IPv6 prefixes, a /64 each; None: DEFAULT_IPV6_POOL (not in routed mode).
+    ipv6_pool: ipaddress.IPv6Network | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -202,19 +214,31 @@ def _controllers(value: object) -> tuple[str, ...]:
     return names
 
 
-def _pool(value: object) -> ipaddress.IPv4Network:
-    if isinstance(value, ipaddress.IPv4Network):
+def _network(value: object, version: int, prefixlen: int, example: str) -> _IPNetwork:
+    """A pool: a network of one family, holding at least one cage's prefix."""
+    kind = {4: ipaddress.IPv4Network, 6: ipaddress.IPv6Network}[version]
+    if isinstance(value, kind):
         network = value
     else:
         if not isinstance(value, str):
-            raise _Invalid("an IPv4 network such as 100.64.0.0/16")
+            raise _Invalid(f"an IPv{version} network such as {example}")
         try:
-            network = ipaddress.IPv4Network(value.strip())
+            network = kind(value.strip())
         except ValueError as e:
-            raise _Invalid(f"an IPv4 network such as 100.64.0.0/16 ({e})") from None
-    if network.prefixlen > CAGE_PREFIXLEN:
-        raise _Invalid(f"a network of at least one cage's /{CAGE_PREFIXLEN}, e.g. 100.64.0.0/16")
+            raise _Invalid(f"an IPv{version} network such as {example} ({e})") from None
+    if network.prefixlen > prefixlen:
+        raise _Invalid(f"a network of at least one cage's /{prefixlen}, e.g. {example}")
     return network
+
+
+def _pool(value: object) -> ipaddress.IPv4Network:
+    return _network(value, 4, CAGE_PREFIXLEN, "100.64.0.0/16")  # type: ignore[return-value]
+
+
+def _pool6(value: object) -> ipaddress.IPv6Network | None:
+    if value is None:
+        return None
+    return _network(value, 6, CAGE_PREFIXLEN6, DEFAULT_IPV6_POOL)  # type: ignore[return-value]
 
 
 def _uplink(value: object) -> str | None:
@@ -244,18 +268,7 @@ def _campus(value: object) -> tuple[_IPNetwork, ...]:
             networks.append(ipaddress.ip_network(item))  # type: ignore[arg-type]
         except (ValueError, TypeError) as e:
             raise _Invalid(f"CIDRs such as 129.93.0.0/16 ({e})") from None
-    return _refuse_ipv6(tuple(networks))
-
-
-def _refuse_ipv6(networks: tuple[_IPNetwork, ...]) -> tuple[_IPNetwork, ...]:
-    """Campus networks are stored as either family; the cage counts IPv4 only so far."""
-    v6 = [str(n) for n in networks if n.version == 6]
-    if v6:
-        raise _Invalid(
-            f"IPv4 networks: IPv6 campus networks ({', '.join(v6)}) need an IPv6 network "
-            "cage, which this version does not build"
-        )
-    return networks
+    return tuple(networks)
 
 
 def _dns(value: object) -> tuple[_IPAddress, ...]:
@@ -357,6 +370,8 @@ _PARSERS: dict[str, Callable[[object], object]] = {
     "dns_servers": _dns,
     "firewall": _choice(FIREWALLS),
     "grace_seconds": _grace,
+    "ipv6": _choice(IPV6_MODES),
+    "ipv6_pool": _pool6,
 }
 
 
@@ -381,15 +396,24 @@ def check_value(name: str, value: object, where: str) -> object:
 
 
 def _check_together(config: Config) -> None:
-    """Checks across keys. The pool's /30s are routed to the cages: a campus network
+    """Checks across keys. A pool's prefixes are routed to the cages: a campus network
     inside it would have its replies sent to a job instead of back to campus."""
-    pool = config.address_pool
-    clash = [str(n) for n in config.campus_networks if n.version == 4 and n.overlaps(pool)]
-    if clash:
+    pool6 = config.ipv6_pool or ipaddress.IPv6Network(DEFAULT_IPV6_POOL)
+    for key, pool in (("address_pool", config.address_pool), ("ipv6_pool", pool6)):
+        clash = [
+            str(n)
+            for n in config.campus_networks
+            if n.version == pool.version and n.overlaps(pool)  # type: ignore[arg-type]
+        ]
+        if clash:
+            raise ConfigError(
+                f"{key} {pool} overlaps campus_networks {', '.join(clash)}: replies to the "
+                f"jobs would be routed wrong; set {key} to a range used nowhere on campus"
+            )
+    if config.ipv6 == "routed" and config.ipv6_pool is None:
         raise ConfigError(
-            f"address_pool {config.address_pool} overlaps campus_networks "
-            f"{', '.join(clash)}: replies to the jobs would be routed wrong; set "
-            "address_pool to a range used nowhere on campus"
+            'ipv6 = "routed" needs ipv6_pool: the global prefix the site routes to this '
+            'node (a /64 of it per cage); set ipv6_pool, or ipv6 = "nat"'
         )
 
 

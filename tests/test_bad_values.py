@@ -74,7 +74,8 @@ def _cidr_text() -> st.SearchStrategy[str]:
         st.builds(lambda a, p: f"{a}.0.0.0/{p}", octet, st.integers(33, 99)),
         st.builds(lambda a: f"{a}.1.0.0/8", st.integers(1, 223)),  # host bits set
         st.builds(lambda a: f"{a}.0.0.0/8", st.integers(256, 999)),
-        st.just("2001:db8::/32"),
+        st.integers(129, 999).map(lambda p: f"2001:db8::/{p}"),
+        st.just("2001:db8::1/32"),  # host bits set
     )
 
 
@@ -128,6 +129,7 @@ BAD: dict[str, tuple[st.SearchStrategy[str], st.SearchStrategy[object]]] = {
         st.one_of(
             _cidr_text(),
             st.integers(0, 255).map(lambda n: f"100.64.{n}.0/24"),  # inside the pool
+            st.integers(0, 65535).map(lambda n: f"fd6a:6f62:6361:{n:x}::/64"),  # ipv6_pool
             _cidr_text().map(lambda c: f"192.0.2.0/24,{c}"),
         ),
         st.one_of(not_a_list, st.lists(st.integers(), min_size=1, max_size=3)),
@@ -182,6 +184,18 @@ BAD: dict[str, tuple[st.SearchStrategy[str], st.SearchStrategy[object]]] = {
             st.booleans(),
             st.lists(st.floats(0, 10), min_size=1, max_size=2),
         ),
+    ),
+    "ipv6": (
+        word.filter(lambda w: w not in {"auto", "nat", "routed", "off"}),
+        not_text,
+    ),
+    "ipv6_pool": (
+        st.one_of(
+            word,
+            st.integers(65, 128).map(lambda p: f"fd00::/{p}"),  # smaller than a cage's /64
+            st.just("100.64.0.0/16"),  # the wrong family
+        ),
+        not_text,
     ),
 }
 

@@ -95,12 +95,16 @@ def test_fork_storm_and_setsid_daemon_are_all_killed(cage_config):
     storm = textwrap.dedent("""
         import os, time
         # A double-forked, setsid() daemon that would escape a process-group kill.
-        if os.fork() == 0:
+        child = os.fork()
+        if child == 0:
             os.setsid()
             if os.fork() == 0:
                 print(os.getpid(), flush=True)
                 time.sleep(3600)
             os._exit(0)
+        # The daemon is forked before the storm can take every pid (under load the
+        # storm reached pids.max first, the daemon's fork failed and nothing printed).
+        os.waitpid(child, 0)
         # A fork storm up to the pids limit: every process forks again, forever.
         while True:
             try:

@@ -114,7 +114,7 @@ def test_argument_errors_are_one_line(args, code):
         ("--pids", "1.5"),
         ("--pids", str(10**7)),
         ("--memory", "1e99"),
-        ("--campus", "2001:db8::/32"),
+        ("--campus", "2001:db8::/129"),
     ],
 )
 def test_bad_run_flag_is_one_line_naming_it_before_anything_runs(tmp_path, flag, value):

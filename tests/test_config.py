@@ -137,6 +137,9 @@ def test_invalid_toml_is_a_config_error(tmp_path):
         ('cgroup_parent = "/jobcage/../../system.slice"', "cgroup_parent"),
         ('state_dir = "relative/state"', "state_dir"),
         ('dns_servers = ["resolver"]', "dns_servers"),
+        ('ipv6 = "yes"', "ipv6"),
+        ('ipv6_pool = "fd00::/65"', "ipv6_pool"),
+        ('ipv6_pool = "10.0.0.0/8"', "ipv6_pool"),
     ],
 )
 def test_bad_value_in_the_file_is_one_error_naming_key_and_file(tmp_path, body, key):
@@ -167,9 +170,22 @@ def test_bad_value_in_the_environment_names_the_variable(key, value):
         load_config(None, environ={f"JOBCAGE_{key}": value})
 
 
-def test_ipv6_campus_network_is_a_clear_error_for_now():
-    with pytest.raises(ConfigError, match=r"IPv6 campus networks .* need an IPv6 network cage"):
-        load_config(None, environ={"JOBCAGE_CAMPUS_NETWORKS": "2001:db8::/32"})
+def test_campus_networks_of_both_families_are_typed_and_checked_against_their_pool():
+    config = load_config(None, environ={"JOBCAGE_CAMPUS_NETWORKS": "2001:db8::/32,192.0.2.0/24"})
+    assert config.campus_networks == (
+        ipaddress.IPv6Network("2001:db8::/32"),
+        ipaddress.IPv4Network("192.0.2.0/24"),
+    )
+    with pytest.raises(ConfigError, match=r"\$JOBCAGE_IPV6_POOL.*ipv6_pool .* overlaps"):
+        load_config(
+            None,
+            environ={
+                "JOBCAGE_CAMPUS_NETWORKS": "2001:db8::/32",
+                "JOBCAGE_IPV6_POOL": "2001:db8:1::/48",
+            },
+        )
+    with pytest.raises(ConfigError, match=r"ipv6 = \"routed\" needs ipv6_pool"):
+        load_config(None, environ={"JOBCAGE_IPV6": "routed"})
 
 
 def test_a_binary_config_file_is_one_clear_error(tmp_path):
