@@ -62,6 +62,7 @@ class JobCage:
         *,
         memory_limit: str | int | None = None,
         pids_limit: int | None = None,
+        cpu_limit: float | None = None,
         network: bool = False,
         campus_networks: Sequence[str | ipaddress.IPv4Network] | None = None,
         config: Config | None = None,
@@ -80,6 +81,7 @@ class JobCage:
         arguments = {
             "memory_limit": memory_limit,
             "pids_limit": pids_limit,
+            "cpu_limit": cpu_limit,
             "campus_networks": campus_networks,
         }
         changes = {
@@ -91,6 +93,7 @@ class JobCage:
         self.config = base.replace(**changes) if changes else base
         self.memory_limit = self.config.memory_limit
         self.pids_limit = self.config.pids_limit
+        self.cpu_limit = self.config.cpu_limit
         self.network = network
         self.campus_networks = self.config.campus_networks
         self.final_usage: Usage | None = None
@@ -157,7 +160,11 @@ class JobCage:
             self.job_id,
             cgroup={"version": backend.version, "paths": backend.paths_for(self.job_id)},
             network=None,
-            limits={"memory_bytes": self.memory_limit, "pids": self.pids_limit},
+            limits={
+                "memory_bytes": self.memory_limit,
+                "pids": self.pids_limit,
+                "cpus": self.cpu_limit,
+            },
             config={
                 "state_dir": self.config.state_dir,
                 "cgroup_version": backend.version,
@@ -169,7 +176,10 @@ class JobCage:
         self._backend = backend
         try:
             self._cgroup = backend.create(
-                self.job_id, memory_limit=self.memory_limit, pids_limit=self.pids_limit
+                self.job_id,
+                memory_limit=self.memory_limit,
+                pids_limit=self.pids_limit,
+                cpu_limit=self.cpu_limit,
             )
             record["cgroup"]["paths"] = self._cgroup.paths
             if self.network:

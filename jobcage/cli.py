@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 2G or 512M")
     run.add_argument("--pids", metavar="N", help="limit on the number of processes")
     run.add_argument(
+        "--cpus",
+        metavar="N",
+        help="CPU limit in CPUs, e.g. 2 or 0.5 (default: cpu_limit; --batch: the job's request)",
+    )
+    run.add_argument(
         "--network", action="store_true", help="give the job its own accounted network"
     )
     run.add_argument(
@@ -291,6 +296,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key, flag, value in (
         ("memory_limit", "--memory", args.memory),
         ("pids_limit", "--pids", args.pids),
+        ("cpu_limit", "--cpus", args.cpus),
         ("campus_networks", "--campus", args.campus),
         ("grace_seconds", "--grace", args.grace),
     ):
@@ -318,6 +324,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             job_id = job_id or slurm.job_id
             if args.memory is None and slurm.memory_limit_bytes is not None:
                 config = config.replace(memory_limit=slurm.memory_limit_bytes)
+            if args.cpus is None and slurm.cpu_limit is not None:
+                config = config.replace(cpu_limit=slurm.cpu_limit)
             if usage_file is None:
                 usage_file = batch.slurm_usage_file(config.state_dir, job_id)
             if args.grace is None:

@@ -74,6 +74,11 @@ PIDS_MAX = 4 * 1024 * 1024
 #   HTCondor's MachineMaxVacateTime is minutes), and poll(2)'s timeout, an int of
 #   milliseconds, overflows after 24.8 days.
 GRACE_MAX_SECONDS = 86400.0
+# * cpus: from 0.01, the kernel's smallest CFS quota (1 ms) in the 100 ms period the
+#   limit is written with (cgroups/base.py), which a smaller value would silently
+#   become, to 8192, the largest CONFIG_NR_CPUS: more CPUs than any kernel can run.
+CPUS_MIN = 0.01
+CPUS_MAX = 8192.0
 # Linux IFNAMSIZ minus the NUL; dev_valid_name() also refuses "/", ":", whitespace.
 IFNAME_MAX_BYTES = 15
 PATH_MAX_BYTES = 4095
@@ -102,6 +107,9 @@ class Config:
     # Bytes.
     memory_limit: int | None = None
     pids_limit: int | None = None
+    # CPUs a job may use (1.5: one and a half CPUs' time per period): cpu.max on v2,
+    # the cpu controller's CFS quota on v1.
+    cpu_limit: float | None = None
     # Whether a caged job may open connections to services on the node itself.
     allow_node_access: bool = False
     # DNS servers for networked cages when the node's resolver is on loopback and
@@ -345,6 +353,21 @@ def _size(value: object) -> int | None:
     return size
 
 
+def _cpus(value: object) -> float | None:
+    if value is None:
+        return None
+    what = f"a number of CPUs such as 2 or 0.5, from {CPUS_MIN} to {CPUS_MAX:.0f}"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _Invalid(what)
+    try:
+        cpus = float(value)
+    except (ValueError, OverflowError):
+        raise _Invalid(what) from None
+    if not (math.isfinite(cpus) and CPUS_MIN <= cpus <= CPUS_MAX):
+        raise _Invalid(what)
+    return cpus
+
+
 def _grace(value: object) -> float:
     what = f"a number of seconds from 0 to {GRACE_MAX_SECONDS:.0f}"
     if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -368,6 +391,7 @@ _PARSERS: dict[str, Callable[[object], object]] = {
     "campus_networks": _campus,
     "memory_limit": _size,
     "pids_limit": _pids,
+    "cpu_limit": _cpus,
     "allow_node_access": _bool,
     "dns_servers": _dns,
     "firewall": _choice(FIREWALLS),
@@ -422,6 +446,11 @@ def _check_together(config: Config) -> None:
 def parse_size(value: str | int | None) -> int | None:
     """Bytes from ``2G``, ``512M``, ``1048576`` (binary units, as cgroupfs takes)."""
     return check_value("memory_limit", value, "size")  # type: ignore[return-value]
+
+
+def parse_cpus(value: float | int | str | None) -> float | None:
+    """A CPU limit as a number of CPUs (``2``, ``0.5``); None for no limit."""
+    return check_value("cpu_limit", value, "cpu limit")  # type: ignore[return-value]
 
 
 DEFAULT_CONFIG_FILE = "/etc/jobcage/jobcage.toml"

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 
 from jobcage import Config, JobCage, JobCageError
 from jobcage.config import (
+    CPUS_MAX,
+    CPUS_MIN,
     GRACE_MAX_SECONDS,
     MEMORY_MAX_BYTES,
     MEMORY_MIN_BYTES,
@@ -156,6 +158,21 @@ BAD: dict[str, tuple[st.SearchStrategy[str], st.SearchStrategy[object]]] = {
             non_finite,
             finite_huge,
             st.booleans(),
+        ),
+    ),
+    "cpu_limit": (
+        st.one_of(
+            word,
+            st.floats(min_value=CPUS_MAX * 1.001, max_value=1e308).map(repr),
+            st.floats(max_value=CPUS_MIN * 0.99, min_value=-1e308).map(repr),
+            non_finite.map(repr),
+        ),
+        st.one_of(
+            st.floats(min_value=CPUS_MAX * 1.001),
+            st.floats(max_value=CPUS_MIN * 0.99),
+            non_finite,
+            st.booleans(),
+            st.lists(st.floats(1, 2), min_size=1, max_size=2),
         ),
     ),
     "allow_node_access": (
@@ -292,6 +309,7 @@ def _flag_values(scratch: str) -> dict[str, tuple[st.SearchStrategy[str], str]]:
     return {
         "--memory": (BAD["memory_limit"][0], "--memory"),
         "--pids": (BAD["pids_limit"][0], "--pids"),
+        "--cpus": (BAD["cpu_limit"][0], "--cpus"),
         "--grace": (BAD["grace_seconds"][0], "--grace"),
         "--campus": (BAD["campus_networks"][0], "--campus"),
         "--state-dir": (BAD["state_dir"][0], "--state-dir"),
@@ -341,12 +359,13 @@ def test_bad_value_through_set(key, data):
         _assert_one_line(status, err, key, f"--set {key}")
 
 
-# JobCage(...) arguments: the job id and the three keys it takes, plus network= and
+# JobCage(...) arguments: the job id and the four keys it takes, plus network= and
 # config=, which are not config keys.
 ARGUMENTS = {
     "job_id": (_flag_values("/")["--job-id"][0], "job id"),
     "memory_limit": (st.one_of(*BAD["memory_limit"]), "memory_limit"),
     "pids_limit": (st.one_of(*BAD["pids_limit"]), "pids_limit"),
+    "cpu_limit": (st.one_of(*BAD["cpu_limit"]), "cpu_limit"),
     "campus_networks": (st.one_of(*BAD["campus_networks"]), "campus_networks"),
     "network": (st.one_of(st.integers(), st.text(max_size=5), st.floats()), "network"),
     "config": (st.one_of(st.dictionaries(word, st.integers(), max_size=2), word), "config"),

@@ -124,6 +124,9 @@ def test_invalid_toml_is_a_config_error(tmp_path):
         (f"pids_limit = {10**7}", "pids_limit"),
         (f"pids_limit = {2**63 - 1}", "pids_limit"),
         ("pids_limit = 1.5", "pids_limit"),
+        ("cpu_limit = nan", "cpu_limit"),
+        ("cpu_limit = 0.001", "cpu_limit"),
+        ("cpu_limit = 1e9", "cpu_limit"),
         # Checked only when a network cage was built, naming neither key nor file.
         ('campus_networks = ["129.93.0.0/33"]', "campus_networks"),
         ('campus_networks = ["129.93.1.0/16"]', "campus_networks"),
