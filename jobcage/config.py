@@ -130,6 +130,26 @@ class Config:
     ipv6: str = "auto"
     # The cages' IPv6 prefixes, a /64 each; None: DEFAULT_IPV6_POOL (not in routed mode).
     ipv6_pool: ipaddress.IPv6Network | None = None
+    # The proc-connector watcher (docs/watch.md). What each detection does: log, kill
+    # or ignore. Police: a non-root process leaving a batch daemon's tree (no cgroups).
+    watch_escape_action: str = "kill"
+    watch_privilege_action: str = "log"
+    watch_daemonize_action: str = "log"
+    watch_fork_rate_action: str = "log"
+    watch_police_action: str = "kill"
+    # Forks a second of one cage above which fork_rate is reported.
+    watch_fork_rate: float = 5000.0
+    # The event socket's receive buffer (SO_RCVBUFFORCE), bytes; a fork storm needs
+    # megabytes (given as a size: "32M").
+    watch_buffer_size: int = 32 << 20
+    # Seconds between checks of every cage against its cgroups (how late a quiet
+    # escape is seen; an exec is checked at once).
+    watch_sweep_seconds: float = 0.1
+    # `jobcage watch`: JSON lines to this file (None: stdout); Prometheus metrics on
+    # this host:port (None: off); executable names of per-job daemons to police.
+    watch_log: str | None = None
+    watch_metrics_address: str | None = None
+    watch_police_daemons: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -381,6 +401,71 @@ def _grace(value: object) -> float:
     return seconds
 
 
+WATCH_ACTIONS = ("log", "kill", "ignore")
+# The watcher's socket buffer: 4K (less loses events at once) to 2G (SO_RCVBUFFORCE's
+# int); 32M holds about 40,000 events.
+WATCH_BUFFER_MIN, WATCH_BUFFER_MAX = 4 << 10, 2 << 30
+
+
+def _positive(limit: float) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        what = f"a positive number up to {limit:g}"
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise _Invalid(what)
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise _Invalid(what) from None
+        if not (math.isfinite(number) and 0 < number <= limit):
+            raise _Invalid(what)
+        return number
+
+    return parse
+
+
+def _buffer(value: object) -> int:
+    what = "a size from 4K to 2G, such as 32M"
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match is None:
+            raise _Invalid(what)
+        whole, fraction, unit = match.groups()
+        shift = _SIZE_UNITS[unit.upper()]
+        size = int(whole) << shift
+        if fraction:
+            size += (int(fraction) << shift) // 10 ** len(fraction)
+    else:
+        size = _whole_number(value, what)
+    if not WATCH_BUFFER_MIN <= size <= WATCH_BUFFER_MAX:
+        raise _Invalid(what)
+    return size
+
+
+def _optional_text(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or any(ord(c) < 32 for c in value):
+        raise _Invalid("a path without control characters")
+    return value
+
+
+def _address(value: object) -> str | None:
+    """host:port ([v6]:port), kept as text: the metrics server binds it."""
+    if value is None:
+        return None
+    what = "an address and port such as 127.0.0.1:9101"
+    if not isinstance(value, str):
+        raise _Invalid(what)
+    host, sep, port = value.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError
+    except ValueError:
+        raise _Invalid(what) from None
+    return value
+
+
 _PARSERS: dict[str, Callable[[object], object]] = {
     "cgroup_version": _choice(CGROUP_VERSIONS),
     "cgroup_parent": _cgroup_parent,
@@ -398,6 +483,17 @@ _PARSERS: dict[str, Callable[[object], object]] = {
     "grace_seconds": _grace,
     "ipv6": _choice(IPV6_MODES),
     "ipv6_pool": _pool6,
+    "watch_escape_action": _choice(WATCH_ACTIONS),
+    "watch_privilege_action": _choice(WATCH_ACTIONS),
+    "watch_daemonize_action": _choice(WATCH_ACTIONS),
+    "watch_fork_rate_action": _choice(WATCH_ACTIONS),
+    "watch_police_action": _choice(WATCH_ACTIONS),
+    "watch_fork_rate": _positive(1e9),
+    "watch_buffer_size": _buffer,
+    "watch_sweep_seconds": _positive(3600),
+    "watch_log": _optional_text,
+    "watch_metrics_address": _address,
+    "watch_police_daemons": lambda v: _text_list(v, "executable names"),
 }
 
 
