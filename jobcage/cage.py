@@ -197,7 +197,7 @@ class JobCage:
                 self._store.save(record)
                 from .network import NetworkCage
 
-                self._net = NetworkCage.create(self.job_id, self.config, self.campus_networks)
+                self._net = NetworkCage.create(self.job_id, self.config)
                 record["network"] = self._net.to_record()
             if self._watch_settings is not None:
                 from .watch import acquire
