@@ -99,4 +99,9 @@ class TransferError(JobCageError):
 
 
 class FetchError(JobCageError):
-    pass
+    """``failures``: one line per failed try, in order (the message keeps the last of
+    each route)."""
+
+    def __init__(self, message: str, failures: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.failures = failures

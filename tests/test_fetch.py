@@ -161,6 +161,22 @@ def test_broken_answers_are_refused_and_leave_nothing(squid, tmp_path, path, sha
 
 @pytest.mark.root
 @pytest.mark.network
+def test_retries_are_bounded_per_route(squid, tmp_path):
+    # nothing listens on port 9 of the internet host: squid answers 503, direct is refused
+    with pytest.raises(FetchError) as info:
+        fetch_mod.fetch(
+            f"http://{INTERNET_HOST}:9/x", str(tmp_path / "x"), environ=squid_env(squid), **FAST
+        )
+    tries = info.value.failures
+    attempts = fetch_mod.DEFAULT_ATTEMPTS
+    assert len(tries) == 2 * attempts, tries
+    assert all(f"cache {squid.url}: HTTP 503" in t for t in tries[:attempts]), tries
+    assert all(t == "direct: connection refused" for t in tries[attempts:]), tries
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.root
+@pytest.mark.network
 def test_a_body_without_length_passes_with_its_checksum(squid, tmp_path):
     size = MiB
     got = fetch_via(squid, f"nolength/{size}", tmp_path / "f", sha256=sha(size))
