@@ -108,7 +108,7 @@ def fetch(
         dest = os.path.join(dest, os.path.basename(urlsplit(url).path) or "index.html")
     directory = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(directory):
-        raise FetchError(f"destination directory {directory} does not exist: create it first")
+        raise ConfigError(f"destination directory {directory} does not exist: create it first")
     import requests
 
     failures: list[str] = []

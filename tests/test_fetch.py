@@ -61,6 +61,7 @@ def test_routes_cache_first_from_the_osg_variable_else_http_proxy():
         ([f"{ORIGIN}/bytes/1", "d", "--sha256", "abc"], "64 hexadecimal"),
         ([f"{ORIGIN}/bytes/1", "d", "--attempts", "0"], "1 to 10"),
         ([f"{ORIGIN}/bytes/1", "d", "--timeout", "-1"], "out of range"),
+        ([f"{ORIGIN}/bytes/1", "no/such/dir/d"], "does not exist"),
     ],
 )
 def test_bad_arguments_are_one_clear_error_and_touch_nothing(argv, match, tmp_path, capsys):
