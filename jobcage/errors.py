@@ -15,6 +15,7 @@ are translated at the backend edge with ``raise ... from`` so the cause stays vi
     ├── AddressPoolExhaustedError  every address of the pool is taken
     ├── SpawnError             the job could not be started (bad user, missing binary)
     ├── NetworkError           building or removing the network side failed
+    │   └── RulesGoneError     a cage's rules are gone (nft flush ruleset, a reload)
     ├── TeardownError          teardown finished with errors; lists each
     ├── MissingExtraError      an optional dependency (a pip extra) is not installed
     ├── ClassAdError           a ClassAd that does not parse or evaluate
@@ -67,6 +68,11 @@ class SpawnError(JobCageError, OSError):
 
 class NetworkError(JobCageError):
     pass
+
+
+class RulesGoneError(NetworkError):
+    """A cage's rules or counters are gone from the node's firewall (`nft flush
+    ruleset`, a firewall reload): what passed since is uncounted, and unfiltered."""
 
 
 class TeardownError(JobCageError):

@@ -89,21 +89,27 @@ class ReapReport:
     cages: list[ReapedCage] = field(default_factory=list)
     # Cages left alone because their owner is alive (counted, to say so).
     live: int = 0
+    # Live cages whose rules were gone (`nft flush ruleset`, a firewall reload) and
+    # were put back; their usage says the counts have a gap.
+    restored: list[str] = field(default_factory=list)
+    restore_errors: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> list[str]:
-        return [f"{c.job_id}: {e}" for c in self.cages for e in c.errors]
+        return [f"{c.job_id}: {e}" for c in self.cages for e in c.errors] + self.restore_errors
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "dry_run": self.dry_run,
             "live": self.live,
+            "restored": self.restored,
             "cages": [c.to_dict() for c in self.cages],
         }
 
 
 def reap(config: Config, *, dry_run: bool = False) -> ReapReport:
-    """Remove dead owners' cages, then objects that carry JobCage's names and no record."""
+    """Remove dead owners' cages, then objects that carry JobCage's names and no record;
+    then put back the rules of live cages that lost them (a firewall reload)."""
     store = StateStore(config.state_dir)
     report = ReapReport(dry_run=dry_run)
     for record in store.records():
@@ -123,6 +129,11 @@ def reap(config: Config, *, dry_run: bool = False) -> ReapReport:
     reaped = {c.job_id for c in report.cages}
     report.cages += _reap_orphan_cgroups(store, config, dry_run)
     report.cages += _reap_orphan_network(store, config, dry_run, reaped)
+    if not dry_run and os.path.isdir(os.path.join(config.state_dir, NETWORK_STATE_DIR)):
+        # The live cages' rules, after a firewall reload: this is the hook's command.
+        from .network.restore import restore_lost
+
+        report.restored, report.restore_errors = restore_lost(config)
     return report
 
 
