@@ -54,24 +54,33 @@ def _exchange(new: str, path: str) -> bool:
     return rename(AT_FDCWD, new.encode(), AT_FDCWD, path.encode(), RENAME_EXCHANGE) == 0
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (/proc/PID/stat field 22)."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from field 3 (state) on, or None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after it.
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return int(fields[19])
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (/proc/PID/stat field 22)."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields is not None else None
 
 
 def owner_alive(record: dict[str, Any]) -> bool:
+    """The owner runs: same pid and start time, and not a zombie (an owner SIGKILLed
+    while nobody reaps it yet keeps its pid but will never finish its teardown)."""
     pid = record.get("owner_pid")
     if not isinstance(pid, int):
         return False
-    ticks = process_start_ticks(pid)
-    return ticks is not None and ticks == record.get("owner_start_ticks")
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
+        return False
+    return int(fields[19]) == record.get("owner_start_ticks")
 
 
 class StateStore:
