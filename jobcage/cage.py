@@ -75,10 +75,11 @@ class JobCage:
         self.network = bool(network)
         campus = campus_networks if campus_networks is not None else self.config.campus_networks
         try:
-            self.campus_networks = tuple(str(ipaddress.IPv4Network(c)) for c in campus)
+            # Either family: a dual-stack cage counts its IPv6 against the IPv6 ones.
+            self.campus_networks = tuple(str(ipaddress.ip_network(c)) for c in campus)
         except ValueError as e:
             raise ConfigError(
-                f"bad campus network: {e}; give IPv4 CIDRs such as 129.93.0.0/16"
+                f"bad campus network: {e}; give CIDRs such as 129.93.0.0/16 or 2001:db8::/32"
             ) from None
         self.final_usage: Usage | None = None
         self._state = State.NEW
