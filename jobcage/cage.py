@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from .cgroups import CageCgroup, CgroupBackend, open_backend
-from .config import Config, load_config, parse_size
+from .config import Config, load_config, parse_cpus, parse_size
 from .errors import (
     CageStateError,
     ConfigError,
@@ -58,6 +58,7 @@ class JobCage:
         *,
         memory_limit: str | int | None = None,
         pids_limit: int | None = None,
+        cpu_limit: float | None = None,
         network: bool = False,
         campus_networks: Sequence[str] | None = None,
         config: Config | None = None,
@@ -72,6 +73,7 @@ class JobCage:
             not isinstance(self.pids_limit, int) or self.pids_limit <= 0
         ):
             raise ConfigError(f"pids limit must be a positive integer, not {self.pids_limit!r}")
+        self.cpu_limit = parse_cpus(cpu_limit if cpu_limit is not None else self.config.cpu_limit)
         self.network = bool(network)
         campus = campus_networks if campus_networks is not None else self.config.campus_networks
         try:
@@ -145,7 +147,11 @@ class JobCage:
             self.job_id,
             cgroup={"version": backend.version, "paths": backend.paths_for(self.job_id)},
             network=None,
-            limits={"memory_bytes": self.memory_limit, "pids": self.pids_limit},
+            limits={
+                "memory_bytes": self.memory_limit,
+                "pids": self.pids_limit,
+                "cpus": self.cpu_limit,
+            },
             config={
                 "state_dir": self.config.state_dir,
                 "cgroup_version": backend.version,
@@ -157,7 +163,10 @@ class JobCage:
         self._backend = backend
         try:
             self._cgroup = backend.create(
-                self.job_id, memory_limit=self.memory_limit, pids_limit=self.pids_limit
+                self.job_id,
+                memory_limit=self.memory_limit,
+                pids_limit=self.pids_limit,
+                cpu_limit=self.cpu_limit,
             )
             record["cgroup"]["paths"] = self._cgroup.paths
             if self.network:
