@@ -387,7 +387,8 @@ class NetworkCage:
         except (KeyError, TypeError, ValueError) as e:
             raise NetworkError(
                 f"the network part of a cage record is unreadable ({e!r}); remove the cage "
-                "by hand: `ip netns del jobcage-<id>` and its JC-<hash>-* iptables chains"
+                "by hand: `ip netns del jobcage-<id>` and its JC-<hash>-* rules (the counters "
+                "of `nft list table ip jobcage`, or the chains of `iptables-legacy-save`)"
             ) from None
 
 
