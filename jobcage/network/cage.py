@@ -146,7 +146,7 @@ class NetworkCage:
             state_dir=config.state_dir,
             firewall_backend=firewall_backend,
             uplink=config.uplink,
-            ipv6=ipv6_mod.part(v6, lease.index, campus6) if v6 is not None else None,
+            ipv6=ipv6_mod.part(v6, lease.index, campus6, config) if v6 is not None else None,
         )
         # Rollback removes only what this call built: with a duplicate job id, the
         # names (netns, chains, resolv.conf) are the running cage's.
@@ -300,7 +300,7 @@ class NetworkCage:
             keeping_lease(lambda: firewall.remove(self.plan) if remove_rules else None),
             keeping_lease(
                 lambda: (
-                    ipv6_mod.remove(self.plan6, self.state_dir)
+                    ipv6_mod.remove(self.plan6, self.ipv6, self.state_dir)
                     if remove_rules6 and self.plan6 is not None
                     else None
                 )
