@@ -481,3 +481,20 @@ def test_routed_mode_gives_the_job_a_global_address_without_nat(make_cage, netwo
         assert "2001:db8:f::2" not in ip("-n", networld.node, "-6", "neigh", "show", "proxy")
     finally:
         ip("-n", networld.router, "-6", "route", "del", ROUTED_POOL, "dev", "rn")
+
+
+def test_reap_removes_the_proxy_entry_of_a_lost_routed_cage(node, net_config, job_id):
+    from jobcage.testing.networld import ip
+
+    config = net_config.replace(ipv6="routed", ipv6_pool=ROUTED_POOL)
+    NetworkCage.create(job_id, config)  # its handle and record are lost
+    assert "2001:db8:f::2 dev eth0 proxy" in ip("-n", node.node, "-6", "neigh", "show", "proxy")
+    orphans = find_orphans(config)
+    assert ("proxy", "2001:db8:f::2", "eth0") in [(o.kind, o.name, o.table) for o in orphans]
+    order = {"netns": 0, "veth": 1, "chain": 2, "campus": 3, "shared": 3, "proxy": 4, "lease": 5}
+    for orphan in sorted(orphans, key=lambda o: order.get(o.kind, 4)):
+        remove_orphan(orphan, config)
+    assert "2001:db8:f::2" not in ip("-n", node.node, "-6", "neigh", "show", "proxy")
+    node.wait_until_empty(
+        lambda: [o for o in find_orphans(config) if o.kind != "veth"] or None, "the orphans to go"
+    )

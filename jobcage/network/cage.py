@@ -498,6 +498,7 @@ def find_orphans(config: Config) -> list[Orphan]:
             for o in firewall.orphans(known_hashes)
             if o.kind != CAGE or o.cage in leased_hashes
         ]
+    orphans += ipv6_mod.proxy_orphans(config, held, known_jobs, Orphan)
     orphans += [
         Orphan("lease", str(i), cage=_cage_hash(veth_names(job)[0]))
         for i, job in sorted(held.items())
@@ -527,6 +528,8 @@ def remove_orphan(orphan: Orphan, config: Config) -> None:
             # The node's last IPv6 cage was a dead owner's: its sysctls go back too.
             with ipv6_mod.locked(config.state_dir):
                 ipv6_mod.restore(config.state_dir)
+    elif orphan.kind == "proxy":
+        ipv6_mod.remove_proxy_orphan(orphan.table or "", orphan.name)
     elif orphan.kind == "sysctls":
         ipv6_mod.restore_if_unused(config.state_dir)
     elif orphan.kind == "lease":

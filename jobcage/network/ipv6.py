@@ -386,6 +386,33 @@ def _no_ipv6_cages() -> bool:
         return nfchannel.table_use(TABLE) is None
 
 
+def proxy_orphans(
+    config: Config, held: dict[int, str], known_jobs: set[str], orphan: Callable[..., Any]
+) -> list[Any]:
+    """Routed mode: the proxy neighbour entry of each cage whose lease this state dir
+    holds and whose record is lost (``orphan(kind, name, table, cage=)``: the uplink is
+    the table). Read-only; before the leases, which make them this state dir's."""
+    if config.ipv6 != "routed" or not config.ipv6_pool:
+        return []
+    from ..ids import veth_names
+
+    pool = Ipv6Pool(config.ipv6_pool)
+    uplink = config.uplink or uplink6(config)
+    there = routed6.proxies(uplink)
+    out = []
+    for index, job in sorted(held.items()):
+        if job in known_jobs or index >= pool.size:
+            continue
+        address = pool.lease(index).job.ip
+        if address in there:
+            out.append(orphan("proxy", str(address), uplink, cage=veth_names(job)[0][2:-1]))
+    return out
+
+
+def remove_proxy_orphan(uplink: str, address: str) -> None:
+    routed6.remove_proxy(uplink, ipaddress.IPv6Address(address))
+
+
 def settings_left(state_dir: str) -> bool:
     """Saved IPv6 sysctls with no IPv6 cage left to put them back (for reap). Read-only."""
     if not saved_settings(state_dir):

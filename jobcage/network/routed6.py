@@ -59,3 +59,23 @@ def remove_proxy(uplink: str, address: ipaddress.IPv6Address) -> None:
         raise NetworkError(
             f"{e}; remove it with `ip -6 neigh del proxy {address} dev {uplink}`"
         ) from e
+
+
+def proxies(uplink: str) -> set[ipaddress.IPv6Address]:
+    """The addresses the node answers for on ``uplink`` (empty if it is gone)."""
+    try:
+        with rtnl.Socket() as nl:
+            request = rtnl.get_link(name=uplink)
+            (answer,) = nl.talk([request])
+            if answer.error == errno.ENODEV or not answer.replies:
+                return set()
+            index = rtnl.ifinfo_index(answer.replies[0])
+            entries = nl.dump(rtnl.dump_proxy_neighbours())
+    except core.NetlinkError as e:
+        raise NetworkError(f"listing the proxy neighbour entries on {uplink}: {e}") from e
+    found = set()
+    for message in entries:
+        at, dst = rtnl.proxy_neighbour_fields(message)
+        if at == index and len(dst) == 16:
+            found.add(ipaddress.IPv6Address(dst))
+    return found
