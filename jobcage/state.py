@@ -43,8 +43,8 @@ def _exchange(new: str, path: str) -> bool:
 
     Not os.replace: on ext4 (a /run that is not tmpfs, as on this project's test
     machine), renaming over an existing file starts writeback of the new one
-    (auto_da_alloc), and unlinking it at teardown then waits for the disk: 0.15 +
-    0.27 ms per cage, measured; exchanged, 0.03 + 0.04 ms.
+    (auto_da_alloc), and unlinking it at teardown then waits for the disk (figures in
+    docs/performance.md, "record writes on ext4").
     """
     rename = _renameat2()
     if rename is None:
