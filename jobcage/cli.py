@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import admin, batch, doctor, fetch, reap, runner
+from . import admin, batch, doctor, fetch, recovery, runner
 from .config import Config, load_config
 from .errors import (
     CageExistsError,
@@ -314,7 +314,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    cages = admin.list_cages(_config(args))
+    cages, bad = admin.list_cages_and_bad(_config(args))
+    for record in bad:
+        _warn(f"{record}; `jobcage reap` moves it aside")
     if args.json:
         for cage in cages:
             print(json.dumps(cage.to_dict(), separators=(",", ":")))
@@ -381,7 +383,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 
 def cmd_reap(args: argparse.Namespace) -> int:
-    report = reap.reap(_config(args), dry_run=args.dry_run)
+    report = recovery.reap(_config(args), dry_run=args.dry_run)
     if args.json:
         print(json.dumps(report.to_dict(), separators=(",", ":")))
     else:
@@ -398,6 +400,8 @@ def cmd_reap(args: argparse.Namespace) -> int:
             print(what)
         if not report.cages:
             print(f"nothing to reap ({report.live} live cage(s) left alone)")
+    for aside in report.set_aside:
+        _warn(str(aside))
     for error in report.errors:
         _error(error)
     return EXIT_FAILED if report.errors else EXIT_OK

@@ -15,6 +15,8 @@ are translated at the backend edge with ``raise ... from`` so the cause stays vi
     ├── AddressPoolExhaustedError  every address of the pool is taken
     ├── SpawnError             the job could not be started (bad user, missing binary)
     ├── NetworkError           building or removing the network side failed
+    ├── StateDirError          the state dir cannot be written, or others could write it
+    ├── RecordError            a cage record that cannot be believed; it is set aside
     ├── TeardownError          teardown finished with errors; lists each
     ├── MissingExtraError      an optional dependency (a pip extra) is not installed
     ├── ClassAdError           a ClassAd that does not parse or evaluate
@@ -67,6 +69,14 @@ class SpawnError(JobCageError, OSError):
 
 class NetworkError(JobCageError):
     pass
+
+
+class StateDirError(JobCageError):
+    pass
+
+
+class RecordError(JobCageError):
+    """A record that fails validation; the text says why (its path is added by the store)."""
 
 
 class TeardownError(JobCageError):

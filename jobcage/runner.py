@@ -31,7 +31,7 @@ from .cage import JobCage
 from .config import Config
 from .errors import JobCageError
 from .ids import validate_job_id
-from .usage import Usage
+from .usage import USAGE_FORMAT, Usage
 
 FORWARDED_SIGNALS = (
     signal.SIGTERM,
@@ -41,7 +41,6 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR2,
 )
 STOPPING_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-RECORD_FORMAT = 1
 
 
 def generate_job_id(now: float | None = None) -> str:
@@ -75,7 +74,7 @@ class RunResult:
     def to_record(self) -> dict[str, Any]:
         """The usage record, as written one JSON line per job."""
         return {
-            "format": RECORD_FORMAT,
+            "format": USAGE_FORMAT,
             "job_id": self.job_id,
             "host": socket.gethostname(),
             "exit_status": self.exit_status,
