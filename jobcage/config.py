@@ -16,6 +16,10 @@ DEFAULT_CGROUP_PARENT_NAME = "jobcage"
 # campus's RFC 1918 range nor a public one. Each cage takes a /30 of it.
 DEFAULT_ADDRESS_POOL = "100.64.0.0/16"
 FIREWALLS = ("auto", "nftables", "iptables-legacy")
+# A unique local prefix (RFC 4193): never routed beyond the node, NATed out like the
+# IPv4 pool. A /64 per cage (65,536 of them).
+DEFAULT_IPV6_POOL = "fd6a:6f62:6361::/48"
+IPV6_MODES = ("auto", "nat", "routed", "off")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,12 @@ class Config:
     firewall: str = "auto"
     # Seconds between forwarding SIGTERM to a job and tearing its cage down.
     grace_seconds: float = 30.0
+    # IPv6 for networked cages (docs/network.md): "nat" (NAT66 out of the uplink),
+    # "routed" (ipv6_pool is a global prefix the site routes to the node), "off", or
+    # "auto": "nat" when the node has IPv6 enabled, else "off".
+    ipv6: str = "auto"
+    # The cages' IPv6 prefixes, a /64 each; None: DEFAULT_IPV6_POOL (not in routed mode).
+    ipv6_pool: str | None = None
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)
@@ -116,6 +126,10 @@ def _coerce(name: str, value: object, where: str) -> object:
         if name == "firewall":
             if str(value) not in FIREWALLS:
                 raise TypeError(", ".join(FIREWALLS))
+            return str(value)
+        if name == "ipv6":
+            if str(value) not in IPV6_MODES:
+                raise TypeError(", ".join(IPV6_MODES))
             return str(value)
         if name == "cgroup_version":
             if str(value) not in {"auto", "1", "2"}:

@@ -62,8 +62,17 @@ def run_checks(config: Config, *, network: bool = True) -> list[Check]:
             _guard("forwarding", check_forwarding),
             _guard("uplink", lambda: check_uplink(config)),
             *_guard_all("address pool", lambda: check_addresses(config)),
+            _guard("ipv6", lambda: check_ipv6(config)),
         ]
     return checks
+
+
+def check_ipv6(config: Config) -> Check:
+    """Dual-stack cages: their mode on this node, and what IPv6 or IPv4 will lack."""
+    from .network.ipv6 import report
+
+    status, message = report(config)
+    return Check("ipv6", Status(status), message)
 
 
 def _guard(name: str, fn: Callable[[], Check]) -> Check:

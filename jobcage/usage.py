@@ -39,6 +39,16 @@ class Usage:
     # outlived every bounded wait). 0 on a clean teardown; the cage record is kept so
     # `jobcage reap` retries.
     processes_surviving: int | None = None
+    # The IPv6 share of the four classes above (they are the sums of both families);
+    # None when the cage had no IPv6 (ipv6 off, or IPv6 disabled on the node).
+    net_ipv6_lan_rx_bytes: int | None = None
+    net_ipv6_lan_tx_bytes: int | None = None
+    net_ipv6_wan_rx_bytes: int | None = None
+    net_ipv6_wan_tx_bytes: int | None = None
+    net_ipv6_lan_rx_packets: int | None = None
+    net_ipv6_lan_tx_packets: int | None = None
+    net_ipv6_wan_rx_packets: int | None = None
+    net_ipv6_wan_tx_packets: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

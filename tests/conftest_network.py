@@ -18,7 +18,8 @@ from collections.abc import Iterator
 import pytest
 
 from jobcage.config import Config
-from jobcage.network import hooks
+from jobcage.errors import TeardownError
+from jobcage.network import NetworkCage, hooks
 from jobcage.network.netns import is_cage_veth
 from jobcage.network.resolv import NETNS_ETC_DIR
 from jobcage.testing import networld as world_mod
@@ -104,3 +105,23 @@ def run_in_cage_lines(netns_path: str, *args: str, timeout: float = 60) -> list[
     if out.returncode != 0:
         raise AssertionError(f"netclient {args} failed: {out.stderr}")
     return out.stdout.strip().splitlines()
+
+
+@pytest.fixture
+def make_cage(node, net_config, job_id):
+    """Create cages in the node; destroy whatever the test did not."""
+    made: list[NetworkCage] = []
+
+    def make(suffix: str = "", config=None, campus=None) -> NetworkCage:
+        cage = NetworkCage.create(job_id + suffix, config or net_config, campus)
+        made.append(cage)
+        return cage
+
+    yield make
+    errors = []
+    for cage in reversed(made):
+        try:
+            cage.destroy()
+        except TeardownError as e:
+            errors.append(e)
+    assert not errors

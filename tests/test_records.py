@@ -133,6 +133,7 @@ def _with(**changes):
         (_with(network__address="not-an-address"), "bad network address"),
         (_with(network__firewall="pf"), "network.firewall 'pf'"),
         (_with(network__allow_node_access="yes"), "allow_node_access"),
+        (_with(network__ipv6={"address": "eth0"}), "bad network.ipv6 address"),
         (_with(final_usage={"wall_seconds": "long"}), "final_usage.wall_seconds"),
     ],
 )

@@ -17,11 +17,11 @@ NFT_REG32_00 = 8  # the 4-byte registers: NFT_REG32_00 + n is bytes 4n.. of NFT_
 # Expressions and their attributes.
 NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
 NFTA_META_DREG, NFTA_META_KEY = 1, 2
-NFT_META_IIFNAME, NFT_META_OIFNAME = 6, 7
+NFT_META_IIFNAME, NFT_META_OIFNAME, NFT_META_L4PROTO = 6, 7, 16
 NFTA_PAYLOAD_DREG, NFTA_PAYLOAD_BASE, NFTA_PAYLOAD_OFFSET, NFTA_PAYLOAD_LEN = 1, 2, 3, 4
-NFT_PAYLOAD_NETWORK_HEADER = 1
+NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER = 1, 2
 NFTA_CMP_SREG, NFTA_CMP_OP, NFTA_CMP_DATA = 1, 2, 3
-NFT_CMP_EQ, NFT_CMP_NEQ = 0, 1
+NFT_CMP_EQ, NFT_CMP_NEQ, NFT_CMP_LTE, NFT_CMP_GTE = 0, 1, 3, 5
 NFTA_BITWISE_SREG, NFTA_BITWISE_DREG, NFTA_BITWISE_LEN = 1, 2, 3
 NFTA_BITWISE_MASK, NFTA_BITWISE_XOR = 4, 5
 NFTA_CT_DREG, NFTA_CT_KEY = 1, 2
@@ -36,6 +36,7 @@ NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA = 1, 2
 NFTA_REJECT_TYPE, NFTA_REJECT_ICMP_CODE = 1, 2
 NFT_REJECT_ICMP_UNREACH = 0
 ICMP_PKT_FILTERED = 13  # linux/icmp.h: "administratively prohibited"
+ICMPV6_ADM_PROHIBITED = 1  # linux/icmpv6.h
 
 
 def expr(name: str, *data: bytes) -> bytes:
@@ -46,10 +47,12 @@ def meta_load(key: int, dreg: int = NFT_REG_1) -> bytes:
     return expr("meta", attr_be32(NFTA_META_KEY, key), attr_be32(NFTA_META_DREG, dreg))
 
 
-def payload_load(offset: int, length: int, dreg: int = NFT_REG_1) -> bytes:
+def payload_load(
+    offset: int, length: int, dreg: int = NFT_REG_1, base: int = NFT_PAYLOAD_NETWORK_HEADER
+) -> bytes:
     fields = (
         (NFTA_PAYLOAD_DREG, dreg),
-        (NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER),
+        (NFTA_PAYLOAD_BASE, base),
         (NFTA_PAYLOAD_OFFSET, offset),
         (NFTA_PAYLOAD_LEN, length),
     )
@@ -103,11 +106,12 @@ def immediate_verdict(code: int, chain: str | None = None) -> bytes:
     )
 
 
-def reject_admin_prohibited() -> bytes:
+def reject_admin_prohibited(code: int = ICMP_PKT_FILTERED) -> bytes:
+    """ICMP unreachable (in an ip6 table ICMPv6, ``code`` ICMPV6_ADM_PROHIBITED)."""
     return expr(
         "reject",
         attr_be32(NFTA_REJECT_TYPE, NFT_REJECT_ICMP_UNREACH),
-        attr(NFTA_REJECT_ICMP_CODE, bytes([ICMP_PKT_FILTERED])),
+        attr(NFTA_REJECT_ICMP_CODE, bytes([code])),
     )
 
 

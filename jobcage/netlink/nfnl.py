@@ -20,9 +20,11 @@ this module knows the wire only. Constants carry the names of
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .core import (
@@ -47,6 +49,7 @@ NFNL_MSG_BATCH_BEGIN = NLMSG_MIN_TYPE
 NFNL_MSG_BATCH_END = NLMSG_MIN_TYPE + 1
 NFNL_SUBSYS_NFTABLES = 10
 NFPROTO_IPV4 = 2
+NFPROTO_IPV6 = 10
 NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING = 1, 2, 3, 4
 # Verdicts (linux/netfilter.h, enum nft_verdicts).
 NF_DROP, NF_ACCEPT, NFT_JUMP = 0, 1, -3
@@ -89,7 +92,7 @@ NFT_OBJECT_COUNTER = 1
 NFT_SET_INTERVAL, NFT_SET_OBJECT, NFT_SET_CONCAT = 0x4, 0x40, 0x80
 # nft's datatype ids, so that `nft list` prints keys and data as what they are; a
 # concatenation's id is its parts' ids, 6 bits each (nft's TYPE_BITS).
-TYPE_IPADDR, TYPE_IFNAME = 7, 41
+TYPE_IPADDR, TYPE_IP6ADDR, TYPE_IFNAME = 7, 8, 41
 IFNAMSIZ = 16
 
 # -- attributes --------------------------------------------------------------------
@@ -116,8 +119,25 @@ def ifname(name: str) -> bytes:
 # -- messages ----------------------------------------------------------------------
 
 
-def nfgen(family: int = NFPROTO_IPV4, res_id: int = 0) -> bytes:
-    return struct.pack("=BBH", family, 0, socket.htons(res_id))
+# The address family of the tables every message and query of the calling thread
+# (context) is about: ``ip jobcage`` and ``ip6 jobcage`` are the same layout, told
+# apart by this alone, so the builders here do not each take it.
+_FAMILY: contextvars.ContextVar[int] = contextvars.ContextVar("nfproto", default=NFPROTO_IPV4)
+
+
+@contextlib.contextmanager
+def family(nfproto: int) -> Iterator[None]:
+    """Address every message and query in the block to tables of ``nfproto``."""
+    token = _FAMILY.set(nfproto)
+    try:
+        yield
+    finally:
+        _FAMILY.reset(token)
+
+
+def nfgen(family: int | None = None, res_id: int = 0) -> bytes:
+    nfproto = _FAMILY.get() if family is None else family
+    return struct.pack("=BBH", nfproto, 0, socket.htons(res_id))
 
 
 def new_table(table: str, *, exclusive: bool, comment: str = "") -> Request:

@@ -90,6 +90,7 @@ IFLA_INFO_DATA = 2
 VETH_INFO_PEER = 1
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
+IFA_F_NODAD = 0x02
 IFLA_AF_SPEC = 26
 IFLA_INET6_ADDR_GEN_MODE = 8
 IN6_ADDR_GEN_MODE_NONE = 1
@@ -156,17 +157,31 @@ def set_up(index: int, what: str) -> Request:
     return Request(RTM_NEWLINK, 0, ifinfomsg(index, IFF_UP, IFF_UP), what)
 
 
-def new_address(index: int, address: ipaddress.IPv4Interface, what: str) -> Request:
-    """As `ip addr add A/N dev X` does it: IFA_LOCAL and IFA_ADDRESS, no broadcast."""
+def new_address(
+    index: int, address: ipaddress.IPv4Interface | ipaddress.IPv6Interface, what: str
+) -> Request:
+    """As `ip addr add A/N dev X` does it: IFA_LOCAL and IFA_ADDRESS, no broadcast.
+
+    An IPv6 address is added ``nodad`` (IFA_F_NODAD): a veth's two ends are the only
+    hosts on its link and their addresses come from a lease, so duplicate address
+    detection could find nothing, and would keep the address unusable ("tentative")
+    for a second after the job starts."""
     packed = address.ip.packed
-    body = _IFADDRMSG.pack(socket.AF_INET, address.network.prefixlen, 0, 0, index)
-    body += attr(IFA_ADDRESS, packed) + attr(IFA_LOCAL, packed)
+    if address.version == 4:
+        body = _IFADDRMSG.pack(socket.AF_INET, address.network.prefixlen, 0, 0, index)
+        body += attr(IFA_ADDRESS, packed) + attr(IFA_LOCAL, packed)
+    else:
+        body = _IFADDRMSG.pack(socket.AF_INET6, address.network.prefixlen, IFA_F_NODAD, 0, index)
+        body += attr(IFA_ADDRESS, packed)
     return Request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body, what)
 
 
-def new_default_route(gateway: ipaddress.IPv4Address, what: str) -> Request:
+def new_default_route(
+    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address, what: str
+) -> Request:
+    family = socket.AF_INET if gateway.version == 4 else socket.AF_INET6
     body = _RTMSG.pack(
-        socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
+        family, 0, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
     )
     body += attr(RTA_GATEWAY, gateway.packed)
     return Request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body, what)
@@ -181,10 +196,13 @@ def no_ipv6_link_local(index: int, what: str) -> Request:
     return Request(RTM_NEWLINK, 0, body, what)
 
 
-def get_forwarding(what: str = "reading net.ipv4.ip_forward") -> Request:
-    """RTM_GETNETCONF of IPv4 for every interface: its NETCONFA_FORWARDING is
-    net.ipv4.ip_forward (read so, not from /proc/sys/net: see no_ipv6_link_local)."""
-    body = struct.pack("=Bxxx", socket.AF_INET)  # netconfmsg, padded to 4
+def get_forwarding(
+    what: str = "reading net.ipv4.ip_forward", family: int = socket.AF_INET
+) -> Request:
+    """RTM_GETNETCONF of IPv4 (or IPv6) for every interface: its NETCONFA_FORWARDING
+    is net.ipv4.ip_forward (net.ipv6.conf.all.forwarding), read so, not from
+    /proc/sys/net: see no_ipv6_link_local."""
+    body = struct.pack("=Bxxx", family)  # netconfmsg, padded to 4
     body += attr(NETCONFA_IFINDEX, struct.pack("=i", NETCONFA_IFINDEX_ALL))
     return Request(RTM_GETNETCONF, 0, body, what)
 
@@ -213,8 +231,8 @@ def get_route_match(dst: ipaddress.IPv4Address, what: str) -> Request:
     return Request(RTM_GETROUTE, 0, body + attr(RTA_DST, dst.packed), what)
 
 
-def dump_routes(what: str = "listing the IPv4 routes") -> Request:
-    body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+def dump_routes(what: str = "listing the IPv4 routes", family: int = socket.AF_INET) -> Request:
+    body = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
     return Request(RTM_GETROUTE, NLM_F_DUMP, body, what)
 
 

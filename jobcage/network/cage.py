@@ -26,6 +26,7 @@ from ..errors import (
 from ..ids import netns_name as make_netns_name
 from ..ids import validate_job_id, veth_names
 from ..records import StateStore
+from . import ipv6 as ipv6_mod
 from . import netns, resolv
 from .addresses import AddressPool, LeaseStore
 from .firewall import (
@@ -38,15 +39,6 @@ from .firewall import (
     resolve_firewall,
 )
 from .firewall.policy import CagePlan, NetCounters, cage_plan
-
-
-def _campus(networks: Sequence[str]) -> tuple[str, ...]:
-    try:
-        return tuple(str(ipaddress.IPv4Network(n)) for n in networks)
-    except ValueError as e:
-        raise ConfigError(
-            f"bad campus network: {e}; give IPv4 CIDRs such as 129.93.0.0/16"
-        ) from None
 
 
 def _cage_hash(host_veth: str) -> str:
@@ -71,6 +63,8 @@ class NetworkCage:
     # Which backend holds the rules: fixed at create, kept in the record, so that a
     # changed config never makes JobCage look for a cage's rules in the wrong place.
     firewall_backend: str = "iptables-legacy"
+    # A dual-stack cage's IPv6 (its prefix, campus networks): None for IPv4 only.
+    ipv6: ipv6_mod.Ipv6Part | None = None
     _final: NetCounters | None = field(default=None, repr=False)
     _destroyed: bool = field(default=False, repr=False)
 
@@ -91,6 +85,11 @@ class NetworkCage:
             state_dir=self.state_dir,
         )
 
+    @property
+    def plan6(self) -> CagePlan | None:
+        """The same policy over the cage's IPv6 prefix (ip6 jobcage's)."""
+        return None if self.ipv6 is None else self.ipv6.plan(self.plan)
+
     def _firewall(self) -> Firewall:
         return open_firewall(self.firewall_backend)
 
@@ -109,7 +108,9 @@ class NetworkCage:
         KernelFeatureError or NetworkError; nothing is left behind then.
         """
         validate_job_id(job_id)
-        campus = _campus(config.campus_networks if campus_networks is None else campus_networks)
+        campus, campus6 = ipv6_mod.split_campus(
+            config.campus_networks if campus_networks is None else campus_networks
+        )
         pool = AddressPool(config.address_pool)
         clash = pool.overlapping(campus)
         if clash:
@@ -120,6 +121,7 @@ class NetworkCage:
             )
         host_veth, _ = veth_names(job_id)
         firewall_backend = resolve_firewall(config.firewall)  # may refuse: before the lease
+        v6 = ipv6_mod.settings(config, campus6, firewall_backend)  # likewise
         lease, first = LeaseStore(config.state_dir, pool).acquire(
             job_id, lambda lease: netns.address_held(lease.job)
         )
@@ -135,10 +137,11 @@ class NetworkCage:
             allow_node_access=config.allow_node_access,
             state_dir=config.state_dir,
             firewall_backend=firewall_backend,
+            ipv6=ipv6_mod.part(v6, lease.index, campus6) if v6 is not None else None,
         )
         # Rollback removes only what this call built: with a duplicate job id, the
         # names (netns, chains, resolv.conf) are the running cage's.
-        built = {"netns": False, "rules": False, "resolv": False}
+        built = {"netns": False, "rules": False, "rules6": False, "resolv": False}
         try:
             if first:
                 # Checked with the first cage only: a dump of every route costs in
@@ -156,17 +159,23 @@ class NetworkCage:
                     host_veth=host_veth,
                     host_address=lease.host,
                     job_address=lease.job,
+                    host_address6=cage.ipv6.host_address if cage.ipv6 else None,
+                    job_address6=cage.ipv6.address if cage.ipv6 else None,
                 )
             )
             built["netns"] = True
             netns.ensure_forwarding()
             cage._firewall().install(cage.plan, cage.pool, lambda: _uplink(config))
             built["rules"] = True
+            if cage.ipv6 is not None and cage.plan6 is not None:
+                ipv6_mod.install(cage.plan6, cage.ipv6, config)
+                built["rules6"] = True
             text = resolv.plan_resolv_conf(
                 resolv.read_text(resolv.RESOLV_CONF) or "",
                 resolv.read_text(resolv.RESOLVED_RESOLV_CONF),
                 # Proposed config field (see docs/network.md); absent until added.
-                tuple(config.dns_servers),
+                tuple(str(s) for s in config.dns_servers),
+                ipv6=cage.ipv6 is not None,
             )
             if text is not None:
                 built["resolv"] = True
@@ -175,6 +184,7 @@ class NetworkCage:
             errors = cage._teardown(
                 read_counters=False,
                 remove_rules=built["rules"],
+                remove_rules6=built["rules6"],
                 remove_netns=built["netns"],
                 remove_resolv=built["resolv"],
                 # A netns that netns.create failed in and could not take back down: its
@@ -197,7 +207,12 @@ class NetworkCage:
             if self._final is None:
                 raise CageStateError(f"the network cage of {self.job_id} is destroyed")
             return self._final
-        return self._firewall().counters(self.plan)
+        return self._counters()
+
+    def _counters(self) -> NetCounters:
+        counters = self._firewall().counters(self.plan)
+        plan6 = self.plan6
+        return counters if plan6 is None else counters.with_ipv6(ipv6_mod.counters(plan6))
 
     # -- teardown --------------------------------------------------------------------
 
@@ -224,6 +239,7 @@ class NetworkCage:
         *,
         read_counters: bool,
         remove_rules: bool = True,
+        remove_rules6: bool = True,
         remove_netns: bool = True,
         remove_resolv: bool = True,
         keep_lease: bool = False,
@@ -232,7 +248,7 @@ class NetworkCage:
         firewall = self._firewall()
         if read_counters:
             try:
-                self._final = firewall.counters(self.plan)
+                self._final = self._counters()
             except JobCageError as e:
                 # Chains and netns both gone: an earlier teardown (or reap) finished the
                 # job; nothing to count and nothing lost. Chains gone alone is a loss.
@@ -254,6 +270,13 @@ class NetworkCage:
 
         steps = [
             keeping_lease(lambda: firewall.remove(self.plan) if remove_rules else None),
+            keeping_lease(
+                lambda: (
+                    ipv6_mod.remove(self.plan6, self.state_dir)
+                    if remove_rules6 and self.plan6 is not None
+                    else None
+                )
+            ),
             keeping_lease(lambda: netns.remove(self.netns_name) if remove_netns else None),
             # Kept while the netns or the rules linger: the netns' eth0 still holds the
             # address, and the lease is what lets `jobcage reap` find them as this state
@@ -294,6 +317,8 @@ class NetworkCage:
             # Where an administrator finds the cage's rules (x_tables: its own chains;
             # nftables: its counters in the shared table).
             "chains": self._firewall().describe(plan),
+            # Absent (an older record) or None: the cage had no IPv6.
+            "ipv6": self.ipv6.to_record() if self.ipv6 is not None else None,
         }
 
     @classmethod
@@ -318,6 +343,9 @@ class NetworkCage:
                 or (config.state_dir if config is not None else ""),
                 resolv_conf_path=record.get("resolv_conf_path"),
                 firewall_backend=record.get("firewall", "iptables-legacy"),
+                ipv6=ipv6_mod.Ipv6Part.from_record(record["ipv6"])
+                if record.get("ipv6") is not None
+                else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise NetworkError(
@@ -338,15 +366,14 @@ def read_counters(cages: Sequence[NetworkCage]) -> dict[str, NetCounters | None]
     for backend in sorted({c.firewall_backend for c in live}):
         plans = [c.plan for c in live if c.firewall_backend == backend]
         found.update(open_firewall(backend).counters_many(plans))
-    out: dict[str, NetCounters | None] = {}
-    for cage in cages:
-        out[cage.job_id] = cage._final if cage._destroyed else found.get(cage.host_veth)
-    return out
+    # A dual-stack cage's IPv6 counters are in ip6 jobcage: one more dump.
+    found = ipv6_mod.with_ipv6(found, [c.plan6 for c in live if c.plan6 is not None])
+    return {c.job_id: c._final if c._destroyed else found.get(c.host_veth) for c in cages}
 
 
 def _uplink(config: Config) -> str:
     if config.uplink is None:
-        return netns.default_route_interface()
+        return ipv6_mod.default_uplink()
     if not netns.link_exists(config.uplink):
         raise NetworkError(
             f"the uplink {config.uplink!r} set in the config does not exist on the node; "
@@ -444,7 +471,11 @@ def remove_orphan(orphan: Orphan, config: Config) -> None:
     elif orphan.kind in ("chain", "campus", "shared"):
         kind = CAGE if orphan.kind == "chain" else orphan.kind
         found = FirewallObject(kind, orphan.name, orphan.table or "", orphan.cage)
-        firewall_for_table(orphan.table).remove_orphan(found)
+        firewall = firewall_for_table(orphan.table)
+        if firewall.remove_orphan(found) and orphan.table == ipv6_mod.firewall().label:
+            # The node's last IPv6 cage was a dead owner's: its sysctls go back too.
+            with ipv6_mod.locked(config.state_dir):
+                ipv6_mod.restore(config.state_dir)
     elif orphan.kind == "lease":
         store = LeaseStore(config.state_dir, AddressPool(config.address_pool))
         job_id = store.held().get(int(orphan.name))

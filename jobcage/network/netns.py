@@ -33,6 +33,7 @@ import ctypes
 import errno
 import ipaddress
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -50,13 +51,13 @@ from ..syscalls import (
 )
 from ..syscalls import check as _check
 from ..syscalls import libc as _libc
-from . import hooks
+from . import addressing, hooks
 
 NETNS_RUN_DIR = "/run/netns"
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 JOB_IFNAME = "eth0"
 LOOPBACK_IFINDEX = 1
-JOB_IFINDEX = 2
+JOB_IFINDEX = addressing.JOB_IFINDEX
 IFNAMSIZ = 16  # with the terminating NUL
 
 # How long create() waits for the kernel to finish deleting a previous cage's veth of
@@ -71,6 +72,10 @@ class NetnsPlan:
     host_veth: str
     host_address: ipaddress.IPv4Interface
     job_address: ipaddress.IPv4Interface
+    # A dual-stack cage's IPv6 prefix (<prefix>::1 on the node side, ::2 on eth0);
+    # None: IPv4 only, and the node side's IPv6 is disabled.
+    host_address6: ipaddress.IPv6Interface | None = None
+    job_address6: ipaddress.IPv6Interface | None = None
 
     @property
     def netns_path(self) -> str:
@@ -187,6 +192,7 @@ def _cage_requests(plan: NetnsPlan, node_fd: int) -> list[rtnl.Request]:
         rtnl.set_up(LOOPBACK_IFINDEX, "bringing lo up in the cage"),
         rtnl.new_address(JOB_IFINDEX, plan.job_address, f"adding {plan.job_address} to eth0"),
         rtnl.new_default_route(gateway, f"adding the cage's default route via {gateway}"),
+        *addressing.cage_ipv6(plan),
         # Its IFLA_LINK is the peer's index on the node: no RTM_GETLINK there.
         rtnl.get_link(index=JOB_IFINDEX, what=f"reading {JOB_IFNAME}"),
     ]
@@ -273,18 +279,13 @@ def create(plan: NetnsPlan) -> None:
             index = peer[0] or _link_index(node, plan.host_veth)
             if index is None:
                 raise NetworkError(f"{plan.host_veth} vanished right after it was created")
-            # No IPv6 from the cage: the rules are IPv4 only, and IPv6 would reach the
-            # node (and beyond, if it forwards IPv6) around them. rtnetlink cannot set
-            # this one; it is the cage's only /proc/sys/net lookup (O(N): see rtnl).
-            _write_sysctl(f"/proc/sys/net/ipv6/conf/{plan.host_veth}/disable_ipv6", "1")
-            node.check(
-                [
-                    rtnl.new_address(
-                        index, plan.host_address, f"adding {plan.host_address} to {plan.host_veth}"
-                    ),
-                    rtnl.set_up(index, f"bringing {plan.host_veth} up"),
-                ]
-            )
+            if plan.host_address6 is None:
+                # No IPv6 from an IPv4-only cage: it has no IPv6 rules, and IPv6 would
+                # reach the node (and beyond, if it forwards IPv6) around them.
+                # rtnetlink cannot set this one; it is the cage's only /proc/sys/net
+                # lookup (O(N): see rtnl).
+                _write_sysctl(f"/proc/sys/net/ipv6/conf/{plan.host_veth}/disable_ipv6", "1")
+            node.check(addressing.node_side(plan, index))
     except BaseException as e:
         try:
             remove(plan.netns_name)
@@ -368,9 +369,11 @@ def ensure_forwarding() -> bool:
     return True
 
 
-def _main_routes(nl: rtnl.Socket) -> Iterator[tuple[int, dict[int, bytes], bytes]]:
-    """(dst_len, attributes, message) of each IPv4 route of the main table."""
-    for message in nl.dump(rtnl.dump_routes()):
+def _main_routes(
+    nl: rtnl.Socket, family: int = socket.AF_INET
+) -> Iterator[tuple[int, dict[int, bytes], bytes]]:
+    """(dst_len, attributes, message) of each IPv4 (or IPv6) route of the main table."""
+    for message in nl.dump(rtnl.dump_routes(family=family)):
         dst_len, table, attrs = rtnl.route_fields(message)
         # rtm_table is 8 bits; RTA_TABLE has the whole id when present.
         if rtnl.RTA_TABLE in attrs:
@@ -379,11 +382,12 @@ def _main_routes(nl: rtnl.Socket) -> Iterator[tuple[int, dict[int, bytes], bytes
             yield dst_len, attrs, message
 
 
-def default_route_interface() -> str:
-    """The interface of the IPv4 default route: the uplink the cages are NATed out of."""
+def default_route_interface(family: int = socket.AF_INET) -> str:
+    """The interface of the IPv4 (IPv6) default route: the uplink the cages are NATed
+    out of."""
     try:
         with rtnl.Socket() as nl:
-            for dst_len, attrs, _ in _main_routes(nl):
+            for dst_len, attrs, _ in _main_routes(nl, family):
                 if dst_len != 0:
                     continue
                 oif = core.u32(attrs[rtnl.RTA_OIF]) if rtnl.RTA_OIF in attrs else None
@@ -397,9 +401,10 @@ def default_route_interface() -> str:
                         return name
     except core.NetlinkError as e:
         raise _netlink_error(e, "finding the node's uplink") from e
+    version = "IPv4" if family == socket.AF_INET else "IPv6"
     raise NetworkError(
-        "the node has no IPv4 default route, so JobCage cannot tell which interface to NAT "
-        "the cages out of: set `uplink` in the config"
+        f"the node has no {version} default route, so JobCage cannot tell which interface "
+        "to NAT the cages out of: set `uplink` in the config"
     )
 
 

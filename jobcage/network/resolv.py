@@ -38,7 +38,11 @@ def _is_ipv4(server: str) -> bool:
 
 
 def plan_resolv_conf(
-    node_text: str, resolved_text: str | None, fallback_servers: Sequence[str] = ()
+    node_text: str,
+    resolved_text: str | None,
+    fallback_servers: Sequence[str] = (),
+    *,
+    ipv6: bool = False,
 ) -> str | None:
     """The resolv.conf a cage needs, or None when the node's own works from inside.
 
@@ -46,17 +50,22 @@ def plan_resolv_conf(
     own ``lo`` inside the netns. Then, like `ip netns exec` with /etc/netns/NAME, the
     job gets: systemd-resolved's list of upstream servers if it has one, else the
     node's file without its loopback servers plus ``fallback_servers``. IPv6 servers
-    are dropped (a cage has no IPv6).
+    are kept for a dual-stack cage (``ipv6``) and dropped otherwise (no way to them);
+    a link-local one (``fe80::1%eth0``) always, as the node's links are not the cage's.
     """
     servers = _nameservers(node_text)
     if not any(_is_loopback(s) for s in servers):
         return None
+
+    def usable(server: str) -> bool:
+        return (_is_ipv4(server) or (ipv6 and _is_global6(server))) and not _is_loopback(server)
+
     if resolved_text is not None:
-        upstream = [s for s in _nameservers(resolved_text) if _is_ipv4(s) and not _is_loopback(s)]
+        upstream = [s for s in _nameservers(resolved_text) if usable(s)]
         if upstream:
             return _only_servers(resolved_text, upstream)
-    kept = [s for s in servers if _is_ipv4(s) and not _is_loopback(s)]
-    kept += [s for s in fallback_servers if s not in kept]
+    kept = [s for s in servers if usable(s)]
+    kept += [s for s in fallback_servers if s not in kept and (ipv6 or _is_ipv4(s))]
     text = _only_servers(node_text, kept)
     if not kept:
         text = (
@@ -64,6 +73,15 @@ def plan_resolv_conf(
             "is known; set dns_servers in the JobCage config\n" + text
         )
     return text
+
+
+def _is_global6(server: str) -> bool:
+    """An IPv6 server a cage can reach through the node: not link-local (a zone)."""
+    try:
+        address = ipaddress.ip_address(server)
+    except ValueError:
+        return False
+    return address.version == 6 and not address.is_link_local
 
 
 def _only_servers(text: str, servers: Sequence[str]) -> str:

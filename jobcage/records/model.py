@@ -71,6 +71,8 @@ class NetworkPart:
     resolv_conf_path: str | None = None
     # Informational (where an administrator finds the rules); never acted on.
     chains: Mapping[str, Any] = field(default_factory=dict)
+    # A dual-stack cage's IPv6 addresses (checked; no names in it): None for IPv4 only.
+    ipv6: Mapping[str, Any] | None = None
 
     @property
     def netns_path(self) -> str:
@@ -93,6 +95,7 @@ class NetworkPart:
             "resolv_conf_path": self.resolv_conf_path,
             "firewall": self.firewall,
             "chains": dict(self.chains),
+            "ipv6": dict(self.ipv6) if self.ipv6 is not None else None,
         }
 
 
@@ -363,4 +366,24 @@ def network_part(value: object, job_id: str) -> NetworkPart | None:
         firewall=firewall,
         resolv_conf_path=resolv,
         chains=_dict(data.get("chains"), "network.chains"),
+        ipv6=_ipv6(data.get("ipv6")),
     )
+
+
+def _ipv6(value: object) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    data = _dict(value, "network.ipv6")
+    try:
+        ipaddress.IPv6Interface(_str(data.get("address"), "network.ipv6.address"))
+        ipaddress.IPv6Interface(_str(data.get("host_address"), "network.ipv6.host_address"))
+        ipaddress.IPv6Network(_str(data.get("pool"), "network.ipv6.pool"))
+        campus = data.get("campus_networks")
+        if not isinstance(campus, list):
+            raise RecordError(f"has network.ipv6.campus_networks {campus!r}, not a list")
+        for network in campus:
+            ipaddress.IPv6Network(network)
+    except (ValueError, TypeError) as e:
+        raise RecordError(f"has a bad network.ipv6 address: {e}") from None
+    _str(data.get("mode"), "network.ipv6.mode")
+    return dict(data)

@@ -68,16 +68,26 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
+def family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def ping(host: str, count: int, size: int, source: str | None) -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    v6 = family(host) == socket.AF_INET6
+    # For ICMPv6 the kernel fills in the checksum (it covers a pseudo-header).
+    s = socket.socket(
+        family(host), socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    )
     if source:
         s.bind((source, 0))
     ident = os.getpid() & 0xFFFF
     replies = 0
+    request, reply = (128, 129) if v6 else (8, 0)
     for seq in range(count):
         payload = b"p" * size
-        header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-        packet = struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, seq) + payload
+        header = struct.pack("!BBHHH", request, 0, 0, ident, seq)
+        sum_ = 0 if v6 else checksum(header + payload)
+        packet = struct.pack("!BBHHH", request, 0, sum_, ident, seq) + payload
         s.sendto(packet, (host, 0))
         deadline = time.monotonic() + (TIMEOUT if not source else 0.5)
         while (left := deadline - time.monotonic()) > 0:
@@ -85,9 +95,10 @@ def ping(host: str, count: int, size: int, source: str | None) -> int:
             if not ready:
                 break
             data = s.recv(65535)
-            icmp = data[(data[0] & 0x0F) * 4 :]
+            # A raw IPv4 socket reads the IP header too; an IPv6 one does not.
+            icmp = data if v6 else data[(data[0] & 0x0F) * 4 :]
             kind, _, _, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
-            if kind == 0 and rid == ident and rseq == seq:
+            if kind == reply and rid == ident and rseq == seq:
                 replies += 1
                 break
     return replies
@@ -102,14 +113,15 @@ def main(argv: list[str]) -> str:
         print(f"retransmitted {RETRANSMITTED}")
         return stored
     if cmd == "udp-send":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(family(args[0]), socket.SOCK_DGRAM)
         if len(args) > 4:
-            s.bind((args[4], 0))
+            # getaddrinfo: a link-local source's %zone becomes its scope id.
+            s.bind(socket.getaddrinfo(args[4], 0, s.family, socket.SOCK_DGRAM)[0][4])
         for _ in range(int(args[2])):
             s.sendto(b"u" * int(args[3]), (args[0], int(args[1])))
         return "sent"
     if cmd == "udp-get":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(family(args[0]), socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         count, size = int(args[2]), int(args[3])
         s.sendto(f"send {count} {size}".encode(), (args[0], int(args[1])))
@@ -131,9 +143,10 @@ def main(argv: list[str]) -> str:
             return errno.errorcode.get(e.errno or 0, "timeout")
         return "connected"
     if cmd == "listen":
-        srv = socket.socket()
+        srv = socket.socket(socket.AF_INET6)  # both families (IPV6_V6ONLY off)
+        srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("0.0.0.0", int(args[0])))
+        srv.bind(("::", int(args[0])))
         srv.listen()
         print("ready", flush=True)
         while True:

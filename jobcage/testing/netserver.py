@@ -71,6 +71,14 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
 
 
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def serve_udp(sock: socket.socket) -> None:
     while True:
         data, peer = sock.recvfrom(65535)
@@ -83,9 +91,16 @@ def serve_udp(sock: socket.socket) -> None:
 
 def main() -> None:
     port = int(sys.argv[1])
-    server = Server(("0.0.0.0", port), Handler)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("0.0.0.0", port))
+    # Both families on one socket each (IPV6_V6ONLY off): an IPv4 peer is ::ffff:a.b.c.d.
+    try:
+        server: Server = Server6(("::", port), Handler)
+        udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        udp.bind(("::", port))
+    except OSError:  # a kernel without IPv6
+        server = Server(("0.0.0.0", port), Handler)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("0.0.0.0", port))
     threading.Thread(target=serve_udp, args=(udp,), daemon=True).start()
     print("ready", flush=True)
     server.serve_forever()

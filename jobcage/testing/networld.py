@@ -8,6 +8,12 @@ Four network namespaces, every name carrying a per-run suffix::
                                   router  rc 192.0.2.1   -- campus   eth0 192.0.2.10/24
                                   router  ri 203.0.113.1 -- internet eth0 203.0.113.10/24
 
+``NetWorld(ipv6=True)`` adds IPv6 (documentation prefix 2001:db8::/32): the node's
+uplink 2001:db8:1::2/64 (router ::1), campus 2001:db8:c::10/64, internet
+2001:db8:e::10/64 (router ::1 on each); ``ipv4=False`` with it is an IPv6-only world
+(no IPv4 address or route outside the cages). Without ``ipv6`` every namespace has
+IPv6 disabled, as a node without IPv6.
+
 JobCage runs inside *node*: the test thread setns()es into it (:meth:`NetWorld.node_thread`)
 so that pyroute2 and python-iptables calls act on the node's links and rules. The router
 also routes the cages' pool to the node, so tests of inbound blocking prove the cage's
@@ -56,6 +62,12 @@ CAMPUS_HOST = "192.0.2.10"
 INTERNET_HOST = "203.0.113.10"
 CAMPUS_NETWORK = "192.0.2.0/24"
 POOL = "100.64.0.0/16"
+NODE_UPLINK6 = "2001:db8:1::2"
+ROUTER_NODE_SIDE6 = "2001:db8:1::1"
+CAMPUS_HOST6 = "2001:db8:c::10"
+INTERNET_HOST6 = "2001:db8:e::10"
+CAMPUS_NETWORK6 = "2001:db8:c::/64"
+POOL6 = "fd6a:6f62:6361::/48"
 
 WAIT_SECONDS = 10.0
 POLL_SECONDS = 0.005
@@ -125,6 +137,8 @@ def tcp_listening(pid: int, port: int) -> bool:
 @dataclass
 class NetWorld:
     suffix: str = field(default_factory=unique_suffix)
+    ipv4: bool = True
+    ipv6: bool = False
     processes: list[subprocess.Popen] = field(default_factory=list)
     # Started by one test (a job's listener...), ended when that test ends.
     test_processes: list[subprocess.Popen] = field(default_factory=list)
@@ -157,21 +171,42 @@ class NetWorld:
                 ip("netns", "add", ns)
                 self.built.append(ns)
                 ip("-n", ns, "link", "set", "lo", "up")
-            self._wire(
-                self.node, "eth0", f"{NODE_UPLINK}/24", self.router, "rn", f"{ROUTER_NODE_SIDE}/24"
-            )
-            self._wire(self.campus, "eth0", f"{CAMPUS_HOST}/24", self.router, "rc", "192.0.2.1/24")
-            self._wire(
-                self.internet, "eth0", f"{INTERNET_HOST}/24", self.router, "ri", "203.0.113.1/24"
-            )
-            ip("-n", self.node, "route", "add", "default", "via", ROUTER_NODE_SIDE)
-            ip("-n", self.campus, "route", "add", "default", "via", "192.0.2.1")
-            ip("-n", self.internet, "route", "add", "default", "via", "203.0.113.1")
-            ip("-n", self.router, "route", "add", POOL, "via", NODE_UPLINK)
-            self.exec_in(self.router, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             for ns in (self.node, self.router, self.campus, self.internet):
-                # No IPv6 chatter (router solicitations, DAD) in the counters.
-                self.exec_in(ns, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+                # No IPv6 chatter (router solicitations, DAD): none at all without
+                # IPv6, and none that waits or learns a route with it.
+                if self.ipv6:
+                    for knob in ("accept_ra=0", "accept_dad=0", "autoconf=0"):
+                        for conf in ("all", "default"):
+                            self.exec_in(ns, ["sysctl", "-qw", f"net.ipv6.conf.{conf}.{knob}"])
+                else:
+                    self.exec_in(ns, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+            links = [
+                (self.node, NODE_UPLINK, "rn", ROUTER_NODE_SIDE, 24, NODE_UPLINK6, "1"),
+                (self.campus, CAMPUS_HOST, "rc", "192.0.2.1", 24, CAMPUS_HOST6, "c"),
+                (self.internet, INTERNET_HOST, "ri", "203.0.113.1", 24, INTERNET_HOST6, "e"),
+            ]
+            for ns, host, peer, gateway, bits, host6, net6 in links:
+                self._wire(ns, peer)
+                gateway6 = f"2001:db8:{net6}::1"
+                if self.ipv4:
+                    ip("-n", ns, "addr", "add", f"{host}/{bits}", "dev", "eth0")
+                    ip("-n", self.router, "addr", "add", f"{gateway}/{bits}", "dev", peer)
+                    ip("-n", ns, "route", "add", "default", "via", gateway)
+                if self.ipv6:
+                    ip("-n", ns, "addr", "add", f"{host6}/64", "dev", "eth0", "nodad")
+                    ip("-n", self.router, "addr", "add", f"{gateway6}/64", "dev", peer, "nodad")
+                    ip("-n", ns, "-6", "route", "add", "default", "via", gateway6)
+            if self.ipv4:
+                ip("-n", self.router, "route", "add", POOL, "via", NODE_UPLINK)
+                self.exec_in(self.router, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            if self.ipv6:
+                # As for IPv4: the router knows the way to the cages, so only their
+                # rules can stop what comes in.
+                ip("-n", self.router, "-6", "route", "add", POOL6, "via", NODE_UPLINK6)
+                self.exec_in(self.router, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+                # A stock node's uplink takes router advertisements (none come here):
+                # the first IPv6 cage must keep it so when it turns forwarding on.
+                self.exec_in(self.node, ["sysctl", "-qw", "net.ipv6.conf.eth0.accept_ra=1"])
             # The kernel instantiates a netns's legacy tables on first use and keeps them
             # (empty, policy ACCEPT) for the life of the netns: touch them now so that
             # "as before" means as before JobCage, not before any iptables use at all.
@@ -186,13 +221,15 @@ class NetWorld:
             raise
         return self
 
-    def _wire(self, a: str, a_if: str, a_addr: str, b: str, b_if: str, b_addr: str) -> None:
-        # Created in `a` with the peer born in `b`: never a link in the machine's netns.
-        ip("-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b)
-        ip("-n", a, "addr", "add", a_addr, "dev", a_if)
-        ip("-n", b, "addr", "add", b_addr, "dev", b_if)
-        ip("-n", a, "link", "set", a_if, "up")
-        ip("-n", b, "link", "set", b_if, "up")
+    def _wire(self, host: str, router_if: str) -> None:
+        # Created in the host with the peer born in the router: never a link in the
+        # machine's netns.
+        ip(
+            "-n", host, "link", "add", "eth0", "type", "veth",
+            "peer", "name", router_if, "netns", self.router,
+        )  # fmt: skip
+        ip("-n", host, "link", "set", "eth0", "up")
+        ip("-n", self.router, "link", "set", router_if, "up")
 
     def exec_in(self, ns: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -263,7 +300,24 @@ class NetWorld:
         nft_rules = [line for line in nft.splitlines() if line.startswith("-")]
         # Every nftables table, JobCage's own included, without counter values.
         ruleset = self.exec_in(self.node, ["nft", "-s", "list", "ruleset"]).stdout
-        return {"legacy": rules, "links": links, "nft": nft_rules, "nftables": ruleset}
+        state: dict[str, object] = {
+            "legacy": rules, "links": links, "nft": nft_rules, "nftables": ruleset
+        }  # fmt: skip
+        if self.ipv6:
+            state["legacy6"] = [
+                re.sub(r"\[\d+:\d+\]", "", line)
+                for line in self.exec_in(self.node, ["ip6tables-legacy-save"]).stdout.splitlines()
+                if line and not line.startswith("#")
+            ]
+            state["routes6"] = ip("-n", self.node, "-6", "route", "show", "table", "all")
+            state["proxies6"] = ip("-n", self.node, "-6", "neigh", "show", "proxy")
+            conf = "/proc/sys/net/ipv6/conf"
+            state["sysctls6"] = self.exec_in(
+                self.node,
+                ["sh", "-c", f"grep -s . {conf}/all/* {conf}/default/* {conf}/eth0/*"],
+                check=False,
+            ).stdout
+        return state
 
     # -- teardown --------------------------------------------------------------------
 

@@ -58,13 +58,19 @@ def all_firewalls() -> list[Firewall]:
     """Every backend, for reap and doctor: a node may hold cages of both (a config
     changed while jobs ran)."""
     legacy = open_firewall(IPTABLES_LEGACY)
-    return [open_firewall(NFTABLES), legacy] if nf_tables_available() else [legacy]
+    if not nf_tables_available():
+        return [legacy]
+    from .nftables import NftablesFirewall
+
+    # The IPv6 part of dual-stack cages is a table of its own, ip6 jobcage.
+    return [open_firewall(NFTABLES), NftablesFirewall(family=6), legacy]
 
 
 def firewall_for_table(table: str | None) -> Firewall:
     """The backend whose tables hold ``table`` (as a FirewallObject names it)."""
-    for name in BACKENDS:
-        firewall = open_firewall(name)
+    from .nftables import NftablesFirewall
+
+    for firewall in (*map(open_firewall, BACKENDS), NftablesFirewall(family=6)):
         if table in firewall.tables:
             return firewall
     raise NetworkError(f"no firewall backend of JobCage has a table {table!r}; not touching it")

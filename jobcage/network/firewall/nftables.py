@@ -7,7 +7,9 @@ hand) and what reap finds in the table.
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Callable, Container, Sequence
+from typing import TypeVar
 
 from ...errors import CageExistsError, ConfigError, KernelFeatureError, NetworkError
 from ...ids import VETH_PREFIX
@@ -21,6 +23,8 @@ from .nftables_layout import (
     CAMPUS_PREFIX,
     CAMPUS_RX_CHAIN,
     CAMPUS_TX_CHAIN,
+    LABELS,
+    NFPROTOS,
     OWNER_PREFIX,
     TABLE,
     TABLE_LABEL,
@@ -86,12 +90,34 @@ def _other_owner(cage: CagePlan, e: core.NetlinkError) -> ConfigError | None:
     return installation_conflict(cage.owner, theirs or "an older JobCage (no owner)")
 
 
+_T = TypeVar("_T")
+
+
+def _in_family(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Run ``method`` against this firewall's table (``ip`` or ``ip6 jobcage``)."""
+
+    @functools.wraps(method)
+    def run(self: NftablesFirewall, *args: object, **kwargs: object) -> _T:
+        with nfnl.family(NFPROTOS[self.version]):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class NftablesFirewall(Firewall):
-    """The layout of :mod:`.nftables_layout`, over :mod:`jobcage.netlink`."""
+    """The layout of :mod:`.nftables_layout`, over :mod:`jobcage.netlink`: ``ip
+    jobcage``, or with ``family=6`` the same layout over IPv6 in ``ip6 jobcage`` (a
+    dual-stack cage has a plan of each family, see docs/network.md)."""
 
     name = "nftables"
-    tables = (TABLE_LABEL,)
+    tables: tuple[str, ...] = (TABLE_LABEL,)
 
+    def __init__(self, family: int = 4) -> None:
+        self.version = family
+        self.label = LABELS[family]
+        self.tables = (self.label,)
+
+    @_in_family
     def install(self, cage: CagePlan, pool: str, uplink: Callable[[], str]) -> None:
         hooks.check()
         what = f"installing the rules of cage {cage.host_veth}"
@@ -151,6 +177,7 @@ class NftablesFirewall(Firewall):
             "id, or its leftover, is on the node; run `jobcage reap`"
         )
 
+    @_in_family
     def remove(self, cage: CagePlan) -> bool:
         hooks.check()
         what = f"removing the rules of cage {cage.host_veth}"
@@ -250,6 +277,7 @@ class NftablesFirewall(Firewall):
             if n.startswith(CAMPUS_PREFIX) and not n.endswith(CAGES_SUFFIX)
         ]
 
+    @_in_family
     def counters(self, cage: CagePlan) -> NetCounters:
         names = counter_names(cage)
         try:
@@ -266,6 +294,7 @@ class NftablesFirewall(Firewall):
             )
         return counters_by_class(values)  # type: ignore[arg-type]
 
+    @_in_family
     def counters_many(self, cages: Sequence[CagePlan]) -> dict[str, NetCounters | None]:
         try:
             everything = nfchannel.dump_counters(TABLE)
@@ -280,11 +309,13 @@ class NftablesFirewall(Firewall):
 
     def describe(self, cage: CagePlan) -> dict[str, list[str]]:
         """Its counters in the shared table (this layout has no per-cage rule)."""
-        return {TABLE_LABEL: list(all_counter_names(cage).values())}
+        return {self.label: list(all_counter_names(cage).values())}
 
+    @_in_family
     def orphans(self, claimed: Container[str]) -> list[FirewallObject]:
         return unclaimed(self._listing(), claimed, CAMPUS_PREFIX)
 
+    @_in_family
     def remove_orphan(self, orphan: FirewallObject) -> bool:
         return self._remove_orphan_named("" if orphan.kind == SHARED else orphan.name)
 
@@ -370,4 +401,4 @@ class NftablesFirewall(Firewall):
             names += [n for n in self._campus_lists() if not nfchannel.object_use(TABLE, n)]
         except core.NetlinkError as e:
             raise _translate(e, f"listing table ip {TABLE}") from e
-        return {TABLE_LABEL: names}
+        return {self.label: names}

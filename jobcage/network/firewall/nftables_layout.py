@@ -121,6 +121,16 @@ R_AFTER_IFNAME = nfexpr.NFT_REG32_00 + 4
 SADDR, DADDR = 12, 16  # offsets in the IPv4 header
 IFNAME_FIELD = (nfnl.TYPE_IFNAME, nfnl.IFNAMSIZ)
 IPV4_FIELD = (nfnl.TYPE_IPADDR, 4)
+# By IP version (ip6 jobcage is this layout over IPv6; the plan's addresses say which):
+# (saddr, daddr) offsets in the header, the address field of a set key, the table.
+OFFSETS = {4: (SADDR, DADDR), 6: (8, 24)}
+ADDRESS_FIELDS = {4: IPV4_FIELD, 6: (nfnl.TYPE_IP6ADDR, 16)}
+LABELS = {4: TABLE_LABEL, 6: f"ip6 {TABLE}"}
+NFPROTOS = {4: nfnl.NFPROTO_IPV4, 6: nfnl.NFPROTO_IPV6}
+ICMPV6 = 58
+# Neighbour solicitation and advertisement; router solicitation to redirect.
+ND_TYPES, ROUTER_TYPES = (135, 136), (133, 137)
+HOP_LIMIT_OFFSET = 7  # in the IPv6 header
 
 
 def owner_set(owner: str) -> str:
@@ -153,9 +163,16 @@ def _campus_sets(networks: tuple[str, ...]) -> tuple[str, str]:
     return name, name + CAGES_SUFFIX
 
 
-def _collapsed(networks: Sequence[str]) -> list[ipaddress.IPv4Network]:
+def version_of(text: str) -> int:
+    """4 or 6, of an address or a network: the family a plan's rules are for (the
+    table's family itself is the firewall's, see nfnl.family)."""
+    return ipaddress.ip_network(text, strict=False).version
+
+
+def _collapsed(networks: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     # A range set takes no overlapping elements; merged, the list matches the same.
-    return list(ipaddress.collapse_addresses(ipaddress.IPv4Network(n) for n in networks))
+    # A list is of one family (a cage's campus networks are split by family).
+    return list(ipaddress.collapse_addresses(ipaddress.ip_network(n) for n in networks))
 
 
 @functools.lru_cache(maxsize=16)
@@ -164,32 +181,35 @@ def campus_list_messages(networks: tuple[str, ...]) -> tuple[Request, ...]:
     LAN traffic. Made by the list's first cage, removed by its last (a rule change
     makes the kernel check the table: cheap once per list, not per cage)."""
     nets, cages = campus_sets(networks)
+    version = version_of(networks[0])
+    field, size = ADDRESS_FIELDS[version]
+    saddr, daddr = OFFSETS[version]
     elements = []
     for net in _collapsed(networks):
         # A range is its first address and the first one after it, flagged its end
         # (an interval set's wire form; none after the last address there is).
         elements.append(nfnl.Element(net.network_address.packed))
         end = int(net.broadcast_address) + 1
-        if end < 1 << 32:
-            elements.append(nfnl.Element(end.to_bytes(4, "big"), interval_end=True))
+        if end < 1 << (8 * size):
+            elements.append(nfnl.Element(end.to_bytes(size, "big"), interval_end=True))
     msgs = [
         # A counter of the list's own name that each of its cages' elements refers
         # to: its use count tells the last cage of the list, in one GETOBJ.
         nfnl.new_counter(TABLE, nets),
-        nfnl.new_set(TABLE, nets, 0, [IPV4_FIELD], interval=True),
+        nfnl.new_set(TABLE, nets, 0, [(field, size)], interval=True),
         nfnl.new_set(TABLE, cages, 0, [IFNAME_FIELD], counters=True),
     ]
     if elements:
         msgs.append(nfnl.new_elements(TABLE, nets, elements, what=f"the networks of set {nets}"))
     iif, oif = nfexpr.NFT_META_IIFNAME, nfexpr.NFT_META_OIFNAME
     for chain, key, offset, cls in (
-        (CAMPUS_TX_CHAIN, iif, DADDR, LAN_TX),
-        (CAMPUS_RX_CHAIN, oif, SADDR, LAN_RX),
+        (CAMPUS_TX_CHAIN, iif, daddr, LAN_TX),
+        (CAMPUS_RX_CHAIN, oif, saddr, LAN_RX),
     ):
         rule = [
             nfexpr.meta_load(key, R_IFNAME),
             nfexpr.lookup(cages, R_IFNAME),
-            nfexpr.payload_load(offset, 4),
+            nfexpr.payload_load(offset, size),
             nfexpr.lookup(nets, nfexpr.NFT_REG_1),
             *_count(key, cls),
             ACCEPT,
@@ -214,8 +234,10 @@ def _interface(key: int, name: str) -> list[bytes]:
     return [nfexpr.meta_load(key), nfexpr.cmp(nfexpr.NFT_CMP_EQ, nfnl.ifname(name))]
 
 
-def _network(offset: int, cidr: str) -> list[bytes]:
-    net = ipaddress.IPv4Network(cidr)
+def _network(which: int, cidr: str) -> list[bytes]:
+    """``which``: 0 the source, 1 the destination address is in ``cidr``."""
+    net = ipaddress.ip_network(cidr)
+    offset, size = OFFSETS[net.version][which], ADDRESS_FIELDS[net.version][1]
     if net.prefixlen == 0:
         return []  # every address: nothing to compare
     if net.prefixlen % 8 == 0:
@@ -226,8 +248,8 @@ def _network(offset: int, cidr: str) -> list[bytes]:
             nfexpr.cmp(nfexpr.NFT_CMP_EQ, net.network_address.packed[:size]),
         ]
     return [
-        nfexpr.payload_load(offset, 4),
-        nfexpr.bitwise_mask(4, net.netmask.packed),
+        nfexpr.payload_load(offset, size),
+        nfexpr.bitwise_mask(size, net.netmask.packed),
         nfexpr.cmp(nfexpr.NFT_CMP_EQ, net.network_address.packed),
     ]
 
@@ -238,10 +260,10 @@ def _count(key: int, cls: str) -> list[bytes]:
     return [nfexpr.meta_load(key, R_IFNAME), nfexpr.objref_map(COUNTER_MAPS[cls], R_IFNAME)]
 
 
-def _spoofed(key: int) -> list[bytes]:
+def _spoofed(key: int, version: int = 4) -> list[bytes]:
     return [
         nfexpr.meta_load(key, R_IFNAME),
-        nfexpr.payload_load(SADDR, 4, R_AFTER_IFNAME),
+        nfexpr.payload_load(OFFSETS[version][0], ADDRESS_FIELDS[version][1], R_AFTER_IFNAME),
         nfexpr.lookup(ADDRESS_SET, R_IFNAME, inverted=True),
     ]
 
@@ -249,6 +271,23 @@ def _spoofed(key: int) -> list[bytes]:
 ACCEPT = nfexpr.immediate_verdict(nfnl.NF_ACCEPT)
 DROP = nfexpr.immediate_verdict(nfnl.NF_DROP)
 REJECT = nfexpr.reject_admin_prohibited()
+REJECTS = {4: REJECT, 6: nfexpr.reject_admin_prohibited(nfexpr.ICMPV6_ADM_PROHIBITED)}
+
+
+def _icmpv6(types: tuple[int, int], *, link_only: bool = False) -> list[bytes]:
+    """ICMPv6 of a type in ``types`` (first, last); ``link_only``: with hop limit 255,
+    which only a packet from the link itself has (RFC 4861: neighbour discovery)."""
+    first, last = types
+    out = [
+        nfexpr.meta_load(nfexpr.NFT_META_L4PROTO),
+        nfexpr.cmp(nfexpr.NFT_CMP_EQ, bytes([ICMPV6])),
+        nfexpr.payload_load(0, 1, base=nfexpr.NFT_PAYLOAD_TRANSPORT_HEADER),
+        nfexpr.cmp(nfexpr.NFT_CMP_GTE, bytes([first])),
+        nfexpr.cmp(nfexpr.NFT_CMP_LTE, bytes([last])),
+    ]
+    if link_only:
+        out += [nfexpr.payload_load(HOP_LIMIT_OFFSET, 1), nfexpr.cmp(nfexpr.NFT_CMP_EQ, b"\xff")]
+    return out
 
 
 def policy_rules(pool: str) -> dict[str, list[list[bytes]]]:
@@ -256,11 +295,24 @@ def policy_rules(pool: str) -> dict[str, list[list[bytes]]]:
     per-cage chains (:class:`~.policy.CagePlan`), for every cage at once. Each chain
     ends in DROP: a jc* veth without a cage's elements matches nothing before it."""
     iif, oif = nfexpr.NFT_META_IIFNAME, nfexpr.NFT_META_OIFNAME
+    version = version_of(pool)
+    reject = REJECTS[version]
+    # IPv6 (ip6 jobcage): neighbour discovery between a cage and the node passes,
+    # uncounted like ARP; a cage's router solicitations, advertisements and redirects
+    # do not, even with node access (docs/network.md).
+    nd_tx: list[list[bytes]] = []
+    nd_rx: list[list[bytes]] = []
+    if version == 6:
+        nd_tx = [
+            [*_icmpv6(ND_TYPES, link_only=True), ACCEPT],
+            [*_icmpv6(ROUTER_TYPES), *_count(iif, REFUSED_TX), DROP],
+        ]
+        nd_rx = [[*_icmpv6(ND_TYPES, link_only=True), ACCEPT]]
     return {
         FWD_TX_CHAIN: [
-            [*_spoofed(iif), *_count(iif, REFUSED_TX), DROP],
+            [*_spoofed(iif, version), *_count(iif, REFUSED_TX), DROP],
             # Cage to cage: REJECT, so the job fails at once, not at its timeout.
-            [*_network(DADDR, pool), *_count(iif, REFUSED_TX), REJECT],
+            [*_network(1, pool), *_count(iif, REFUSED_TX), reject],
             # The campus lists' rules: LAN_TX, ACCEPT if the cage's list has it.
             [nfexpr.immediate_verdict(nfnl.NFT_JUMP, CAMPUS_TX_CHAIN)],
             [*_count(iif, WAN_TX), ACCEPT],
@@ -276,7 +328,8 @@ def policy_rules(pool: str) -> dict[str, list[list[bytes]]]:
         ],
         # Job <-> node never passes FORWARD; it is LAN by definition.
         NODE_TX_CHAIN: [
-            [*_spoofed(iif), *_count(iif, REFUSED_TX), DROP],
+            [*_spoofed(iif, version), *_count(iif, REFUSED_TX), DROP],
+            *nd_tx,
             [*_ct_established(), *_count(iif, LAN_TX), ACCEPT],
             [
                 nfexpr.meta_load(iif, R_IFNAME),
@@ -284,10 +337,11 @@ def policy_rules(pool: str) -> dict[str, list[list[bytes]]]:
                 *_count(iif, LAN_TX),
                 ACCEPT,
             ],
-            [*_count(iif, REFUSED_TX), REJECT],
+            [*_count(iif, REFUSED_TX), reject],
             [DROP],
         ],
         NODE_RX_CHAIN: [
+            *nd_rx,
             [*_ct_established(), *_count(oif, LAN_RX), ACCEPT],
             [*_count(oif, REFUSED_RX), DROP],
             [DROP],
@@ -304,7 +358,7 @@ def shared_messages(pool: str, uplink: str, owner: str = "") -> list[Request]:
     ]
     sets = [
         (CAGES, [IFNAME_FIELD], {"counters": True}),
-        (ADDRESS_SET, [IFNAME_FIELD, IPV4_FIELD], {}),
+        (ADDRESS_SET, [IFNAME_FIELD, ADDRESS_FIELDS[version_of(pool)]], {}),
         (NODE_ACCESS_SET, [IFNAME_FIELD], {}),
         *((name, [IFNAME_FIELD], {"counters": True}) for name in COUNTER_MAPS.values()),
     ]
@@ -344,7 +398,7 @@ def shared_messages(pool: str, uplink: str, owner: str = "") -> list[Request]:
         jump = nfexpr.immediate_verdict(nfnl.NFT_JUMP, target)
         msgs.append(nfnl.new_rule(TABLE, chain, [*_interface(key, VETH_WILDCARD), jump]))
     masq = [
-        *_network(SADDR, pool),
+        *_network(0, pool),
         *_interface(oif, uplink),
         nfexpr.masquerade(),
     ]
@@ -355,7 +409,7 @@ def shared_messages(pool: str, uplink: str, owner: str = "") -> list[Request]:
 def _cage_elements(cage: CagePlan) -> list[tuple[str, list[nfnl.Element]]]:
     """set -> the cage's elements in it."""
     veth = nfnl.ifname(cage.host_veth)
-    own = ipaddress.IPv4Address(cage.address).packed
+    own = ipaddress.ip_address(cage.address).packed
     out = [(CAGES, [nfnl.Element(veth, counter=CAGES)]), (ADDRESS_SET, [nfnl.Element(veth + own)])]
     if cage.campus_networks:
         nets, cages = campus_sets(cage.campus_networks)

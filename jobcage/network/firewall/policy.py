@@ -77,14 +77,40 @@ class NetCounters:
     net_lan_tx_packets: int = 0
     net_wan_rx_packets: int = 0
     net_wan_tx_packets: int = 0
+    # The IPv6 share of each figure above (which are the sums of both families); None
+    # for a cage without IPv6, so a bill never shows a made-up 0.
+    net_ipv6_lan_rx_bytes: int | None = dataclasses.field(default=None)
+    net_ipv6_lan_tx_bytes: int | None = dataclasses.field(default=None)
+    net_ipv6_wan_rx_bytes: int | None = dataclasses.field(default=None)
+    net_ipv6_wan_tx_bytes: int | None = dataclasses.field(default=None)
+    net_ipv6_lan_rx_packets: int | None = dataclasses.field(default=None)
+    net_ipv6_lan_tx_packets: int | None = dataclasses.field(default=None)
+    net_ipv6_wan_rx_packets: int | None = dataclasses.field(default=None)
+    net_ipv6_wan_tx_packets: int | None = dataclasses.field(default=None)
 
     def __add__(self, other: NetCounters) -> NetCounters:
+        def plus(a: int | None, b: int | None) -> int | None:
+            return None if a is None and b is None else (a or 0) + (b or 0)
+
         return NetCounters(
             **{
-                f.name: getattr(self, f.name) + getattr(other, f.name)
+                f.name: plus(getattr(self, f.name), getattr(other, f.name))
                 for f in dataclasses.fields(self)
             }
         )
+
+    def with_ipv6(self, ipv6: NetCounters) -> NetCounters:
+        """These (IPv4) counters plus ``ipv6``'s: the sums, and the IPv6 share."""
+        total = {name: getattr(self, name) + getattr(ipv6, name) for name in BILLED_FIELDS}
+        share = {f"net_ipv6_{name[4:]}": getattr(ipv6, name) for name in BILLED_FIELDS}
+        return NetCounters(**total, **share)
+
+
+BILLED_FIELDS = tuple(
+    f"net_{cls}_{unit}"
+    for unit in ("bytes", "packets")
+    for cls in ("lan_rx", "lan_tx", "wan_rx", "wan_tx")
+)
 
 
 @dataclass(frozen=True)
@@ -255,13 +281,14 @@ def cage_plan(
     allow_node_access: bool,
     state_dir: str | None = None,
 ) -> CagePlan:
-    pool = str(ipaddress.IPv4Network(pool))
+    # Either family: a dual-stack cage has a plan of each (the IPv6 one for nftables).
+    pool = str(ipaddress.ip_network(pool))
     return CagePlan(
         cage_hash=cage_hash,
         host_veth=host_veth,
         address=str(address),
         pool=pool,
-        campus_networks=tuple(str(ipaddress.IPv4Network(n)) for n in campus_networks),
+        campus_networks=tuple(str(ipaddress.ip_network(n)) for n in campus_networks),
         allow_node_access=allow_node_access,
         owner=installation_owner(pool, state_dir) if state_dir else "",
     )
