@@ -354,20 +354,19 @@ def network_part(value: object, job_id: str) -> NetworkPart | None:
     firewall = _str(data.get("firewall"), "network.firewall") or "iptables-legacy"
     if firewall not in FIREWALLS:
         raise RecordError(f"has network.firewall {firewall!r}, not one of {sorted(FIREWALLS)}")
-    return NetworkPart(
-        netns_name=derived["netns_name"],
-        host_veth=derived["host_veth"],
-        address=address,
-        host_address=host,
-        lease_index=lease_index,
-        pool=pool,
-        campus_networks=campus_networks,
-        allow_node_access=allow,
-        firewall=firewall,
-        resolv_conf_path=resolv,
-        chains=_dict(data.get("chains"), "network.chains"),
-        ipv6=_ipv6(data.get("ipv6")),
-    )
+    checked: dict[str, Any] = {
+        "address": address,
+        "host_address": host,
+        "lease_index": lease_index,
+        "pool": pool,
+        "campus_networks": campus_networks,
+        "allow_node_access": allow,
+        "firewall": firewall,
+        "resolv_conf_path": resolv,
+        "chains": _dict(data.get("chains"), "network.chains"),
+        "ipv6": _ipv6(data.get("ipv6")),
+    }
+    return NetworkPart(netns_name=derived["netns_name"], host_veth=derived["host_veth"], **checked)
 
 
 def _ipv6(value: object) -> dict[str, Any] | None:

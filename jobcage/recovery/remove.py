@@ -35,9 +35,7 @@ def reap_record(store: StateStore, config: Config, record: CageRecord, reason: s
     cgroup = None
     try:
         cgroup = open_cage_cgroup(record, config)
-        if cgroup is not None:
-            result = cgroup.kill_all()
-            cage.killed, cage.surviving = result.killed, result.surviving
+        _kill(cgroup, cage)
     except (OSError, JobCageError) as e:
         cage.errors.append(f"killing the processes failed: {e}")
     end = time.time()
@@ -72,6 +70,16 @@ def reap_record(store: StateStore, config: Config, record: CageRecord, reason: s
     else:
         store.remove(record.job_id)
     return cage
+
+
+def _kill(cgroup: Any, cage: ReapedCage) -> None:
+    """kill_all, where a process may be left. On v1 every process of a cage is in its
+    freezer cgroup, which can only have been removed empty: with it gone (an owner
+    killed half-way through removing the directories), nothing is left to kill."""
+    if cgroup is None or (cgroup.version == 1 and "freezer" not in cgroup.paths):
+        return
+    result = cgroup.kill_all()
+    cage.killed, cage.surviving = result.killed, result.surviving
 
 
 def _network_side(record: CageRecord, config: Config, cage: ReapedCage) -> Any:
@@ -180,10 +188,7 @@ def reap_orphan_cgroups(
                 continue
             try:
                 version = "2" if "unified" in paths else "1"
-                cgroup = open_backend(config.replace(cgroup_version=version)).open(paths)
-                if cgroup.version == 2 or "freezer" in paths:
-                    result = cgroup.kill_all()
-                    cage.killed, cage.surviving = result.killed, result.surviving
+                _kill(open_backend(config.replace(cgroup_version=version)).open(paths), cage)
             except (OSError, JobCageError) as e:
                 cage.errors.append(f"killing the processes failed: {e}")
             if not cage.surviving:
