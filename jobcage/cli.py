@@ -402,6 +402,10 @@ def cmd_reap(args: argparse.Namespace) -> int:
             print(f"nothing to reap ({report.live} live cage(s) left alone)")
     for aside in report.set_aside:
         _warn(str(aside))
+        for job_id in report.restored:
+            print(
+                f"restored the rules of {job_id} (gone: a firewall reload?); its usage has a gap"
+            )
     for error in report.errors:
         _error(error)
     return EXIT_FAILED if report.errors else EXIT_OK

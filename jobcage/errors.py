@@ -17,6 +17,7 @@ are translated at the backend edge with ``raise ... from`` so the cause stays vi
     ├── NetworkError           building or removing the network side failed
     ├── StateDirError          the state dir cannot be written, or others could write it
     ├── RecordError            a cage record that cannot be believed; it is set aside
+    │   └── RulesGoneError     a cage's rules are gone (nft flush ruleset, a reload)
     ├── TeardownError          teardown finished with errors; lists each
     ├── MissingExtraError      an optional dependency (a pip extra) is not installed
     ├── ClassAdError           a ClassAd that does not parse or evaluate
@@ -77,6 +78,11 @@ class StateDirError(JobCageError):
 
 class RecordError(JobCageError):
     """A record that fails validation; the text says why (its path is added by the store)."""
+
+
+class RulesGoneError(NetworkError):
+    """A cage's rules or counters are gone from the node's firewall (`nft flush
+    ruleset`, a firewall reload): what passed since is uncounted, and unfiltered."""
 
 
 class TeardownError(JobCageError):

@@ -39,6 +39,12 @@ class Usage:
     # outlived every bounded wait). 0 on a clean teardown; the cage record is kept so
     # `jobcage reap` retries.
     processes_surviving: int | None = None
+    # How often the network cage's rules were found gone (`nft flush ruleset`, a
+    # firewall reload) and put back: the net_* counts miss what passed meanwhile (and
+    # are None if the rules were gone at teardown). 0: whole; None: no network cage.
+    net_counts_gaps: int | None = None
+    # When the net_* counts start (Unix time) after such a gap; None when whole.
+    net_counted_since_unix: float | None = None
     # The IPv6 share of the four classes above (they are the sums of both families);
     # None when the cage had no IPv6 (ipv6 off, or IPv6 disabled on the node).
     net_ipv6_lan_rx_bytes: int | None = None

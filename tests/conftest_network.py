@@ -89,6 +89,20 @@ def node(networld: NetWorld) -> Iterator[NetWorld]:
     assert etc_after <= etc_before, f"left in {NETNS_ETC_DIR}: {etc_after - etc_before}"
 
 
+# The start of a script a test runs in the node in a process of its own: the same
+# guard as this process's (with $JC_INITIAL_NETNS_INO), then what the script needs.
+GUARDED_SCRIPT = """
+import os, sys
+from jobcage.config import Config
+from jobcage.network import NetworkCage, hooks
+initial = int(os.environ["JC_INITIAL_NETNS_INO"])
+def guard():
+    assert os.stat("/proc/thread-self/ns/net").st_ino != initial, "in the machine's netns"
+hooks.before_change = guard
+guard()
+"""
+
+
 def run_in_cage(netns_path: str, *args: str, timeout: float = 60) -> str:
     """Run jobcage/testing/netclient.py inside a cage's netns; return its result (last) line."""
     return run_in_cage_lines(netns_path, *args, timeout=timeout)[-1]

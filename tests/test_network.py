@@ -51,7 +51,7 @@ from jobcage.testing.networld import (
     wait_until,
 )
 
-from .conftest_network import run_in_cage, run_in_cage_lines
+from .conftest_network import GUARDED_SCRIPT, run_in_cage, run_in_cage_lines
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
@@ -475,21 +475,18 @@ def test_find_orphans_leaves_another_state_dirs_cages_alone(node, net_config, jo
         mine_.destroy()
 
 
-CONCURRENT_SCRIPT = """
-import os, sys, json
-from jobcage.config import Config
-from jobcage.network import NetworkCage, hooks
-initial = int(os.environ["JC_INITIAL_NETNS_INO"])
-def guard():
-    assert os.stat("/proc/thread-self/ns/net").st_ino != initial, "in the machine's netns"
-hooks.before_change = guard
-guard()
+CONCURRENT_SCRIPT = (
+    GUARDED_SCRIPT
+    + """
+import dataclasses
+import json
 config = Config(state_dir=sys.argv[1], campus_networks=("192.0.2.0/24",), firewall=sys.argv[3])
 cage = NetworkCage.create(sys.argv[2], config)
 print(json.dumps({"address": str(cage.address), "counters": str(cage.counters())}), flush=True)
 sys.stdin.readline()  # hold the lease until every process has one
 cage.destroy()
 """
+)
 
 
 def test_concurrent_creates_from_many_processes(node, net_config, job_id):

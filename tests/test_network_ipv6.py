@@ -389,3 +389,18 @@ def test_a_job_in_an_ipv6_only_world_reaches_the_internet(tmp_path, job_id):
     finally:
         world.destroy()
     assert not world.leftovers()
+
+
+def test_a_flush_puts_both_families_rules_back(make_cage, networld):
+    """`nft flush ruleset` takes ip6 jobcage too: usage() puts both back (one gap), and
+    IPv6 is isolated and counted again (see tests/test_network_flush.py)."""
+    a, b = make_cage("a"), make_cage("b")
+    networld.exec_in(networld.node, ["nft", "flush", "ruleset"])
+    assert a.counters().net_counts_gaps == 1
+    networld.exec_in(networld.node, ["nft", "list", "table", "ip6", "jobcage"])
+    other = str(b.ipv6.address.ip)
+    assert run_in_cage(a.netns_path, "connect", other, PORT) != "connected"
+    got = run_in_cage(a.netns_path, "get", INTERNET_HOST6, PORT, str(MiB))
+    assert got == str(MiB)
+    c = a.counters()
+    assert c.net_ipv6_wan_rx_bytes >= MiB and c.net_counts_gaps == 1

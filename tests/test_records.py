@@ -134,6 +134,7 @@ def _with(**changes):
         (_with(network__firewall="pf"), "network.firewall 'pf'"),
         (_with(network__allow_node_access="yes"), "allow_node_access"),
         (_with(network__ipv6={"address": "eth0"}), "bad network.ipv6 address"),
+        (_with(network__uplink="../eth0"), "network.uplink"),
         (_with(final_usage={"wall_seconds": "long"}), "final_usage.wall_seconds"),
     ],
 )
@@ -181,3 +182,11 @@ def test_temporary_files_name_their_writer():
     assert temp_file_writer("1234.0.json.4242.7.claim") == 4242
     assert temp_file_writer("1234.0.json") is None
     assert temp_file_writer("tmp") is None
+
+
+def test_the_network_part_round_trips_and_keeps_what_a_newer_writer_added():
+    data = _with(network__uplink="eth0", network__future_field={"x": 1})
+    record = parse_record(data, "1234.0")
+    again = parse_record(record.to_dict("/run/jobcage"), "1234.0")
+    assert again == record
+    assert again.network.uplink == "eth0" and again.network.extra == {"future_field": {"x": 1}}

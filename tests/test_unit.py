@@ -174,7 +174,8 @@ def test_usage_json_keeps_none_and_units():
     assert data["io_read_bytes"] is None  # unknown, never a made-up 0
     assert Usage.from_dict(data) == u
     assert all(
-        name.split("_")[-1] in {"seconds", "bytes", "kills", "packets", "killed", "surviving"}
+        name.split("_")[-1]
+        in {"seconds", "bytes", "kills", "packets", "killed", "surviving", "gaps", "unix"}
         for name in data
     )
     table = u.to_table()

@@ -157,6 +157,10 @@ def set_up(index: int, what: str) -> Request:
     return Request(RTM_NEWLINK, 0, ifinfomsg(index, IFF_UP, IFF_UP), what)
 
 
+def set_down_by_name(name: str, what: str) -> Request:
+    return Request(RTM_NEWLINK, 0, ifinfomsg(0, 0, IFF_UP) + attr_str(IFLA_IFNAME, name), what)
+
+
 def new_address(
     index: int, address: ipaddress.IPv4Interface | ipaddress.IPv6Interface, what: str
 ) -> Request:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from ..errors import (
     ConfigError,
     JobCageError,
     NetworkError,
+    RulesGoneError,
     TeardownError,
 )
 from ..ids import netns_name as make_netns_name
@@ -39,6 +41,7 @@ from .firewall import (
     resolve_firewall,
 )
 from .firewall.policy import CagePlan, NetCounters, cage_plan
+from .restore import GapStore, restore_cage_rules
 
 
 def _cage_hash(host_veth: str) -> str:
@@ -63,6 +66,8 @@ class NetworkCage:
     # Which backend holds the rules: fixed at create, kept in the record, so that a
     # changed config never makes JobCage look for a cage's rules in the wrong place.
     firewall_backend: str = "iptables-legacy"
+    # The config's uplink (None: the default route's), for putting the NAT back.
+    uplink: str | None = None
     # A dual-stack cage's IPv6 (its prefix, campus networks): None for IPv4 only.
     ipv6: ipv6_mod.Ipv6Part | None = None
     _final: NetCounters | None = field(default=None, repr=False)
@@ -137,6 +142,7 @@ class NetworkCage:
             allow_node_access=config.allow_node_access,
             state_dir=config.state_dir,
             firewall_backend=firewall_backend,
+            uplink=config.uplink,
             ipv6=ipv6_mod.part(v6, lease.index, campus6) if v6 is not None else None,
         )
         # Rollback removes only what this call built: with a duplicate job id, the
@@ -165,7 +171,7 @@ class NetworkCage:
             )
             built["netns"] = True
             netns.ensure_forwarding()
-            cage._firewall().install(cage.plan, cage.pool, lambda: _uplink(config))
+            cage._firewall().install(cage.plan, cage.pool, lambda: _uplink(config.uplink))
             built["rules"] = True
             if cage.ipv6 is not None and cage.plan6 is not None:
                 ipv6_mod.install(cage.plan6, cage.ipv6, config)
@@ -202,17 +208,30 @@ class NetworkCage:
     # -- accounting ------------------------------------------------------------------
 
     def counters(self) -> NetCounters:
-        """Live counters of this cage's rules only."""
+        """Live counters of this cage's rules only. Rules found gone (`nft flush
+        ruleset`, a firewall reload) are put back, and the counts say they have a gap."""
         if self._destroyed:
             if self._final is None:
                 raise CageStateError(f"the network cage of {self.job_id} is destroyed")
             return self._final
-        return self._counters()
+        try:
+            found = self._counters()
+        except RulesGoneError:
+            if not os.path.exists(self.netns_path):
+                raise  # torn down meanwhile: nothing to put back
+            self.restore_rules()
+            found = self._counters()
+        return found.with_gaps(*GapStore(self.state_dir).read(self.job_id))
 
     def _counters(self) -> NetCounters:
         counters = self._firewall().counters(self.plan)
         plan6 = self.plan6
         return counters if plan6 is None else counters.with_ipv6(ipv6_mod.counters(plan6))
+
+    def restore_rules(self) -> bool:
+        """Put the cage's rules back if they are gone, and count a gap; True if this
+        call did (see :mod:`.restore`)."""
+        return restore_cage_rules(self, lambda: _uplink(self.uplink))
 
     # -- teardown --------------------------------------------------------------------
 
@@ -248,7 +267,15 @@ class NetworkCage:
         firewall = self._firewall()
         if read_counters:
             try:
-                self._final = self._counters()
+                self._final = self._counters().with_gaps(
+                    *GapStore(self.state_dir).read(self.job_id)
+                )
+            except RulesGoneError:
+                if os.path.exists(self.netns_path):
+                    # Gone since the last read (a flush): what passed is lost, and the
+                    # bill says so (None, never a made-up 0), one gap more.
+                    gaps = GapStore(self.state_dir).read(self.job_id)[0]
+                    self._final = NetCounters.lost(gaps + 1, time.time())
             except JobCageError as e:
                 # Chains and netns both gone: an earlier teardown (or reap) finished the
                 # job; nothing to count and nothing lost. Chains gone alone is a loss.
@@ -287,6 +314,7 @@ class NetworkCage:
                 else self._leases().release(self.lease_index, self.job_id)
             ),
             lambda: resolv.remove_resolv_conf(self.netns_name) if remove_resolv else None,
+            lambda: GapStore(self.state_dir).remove(self.job_id),
         ]
         for step in steps:
             try:
@@ -314,6 +342,7 @@ class NetworkCage:
             "state_dir": self.state_dir,
             "resolv_conf_path": self.resolv_conf_path,
             "firewall": self.firewall_backend,
+            "uplink": self.uplink,
             # Where an administrator finds the cage's rules (x_tables: its own chains;
             # nftables: its counters in the shared table).
             "chains": self._firewall().describe(plan),
@@ -343,6 +372,7 @@ class NetworkCage:
                 or (config.state_dir if config is not None else ""),
                 resolv_conf_path=record.get("resolv_conf_path"),
                 firewall_backend=record.get("firewall", "iptables-legacy"),
+                uplink=record.get("uplink"),
                 ipv6=ipv6_mod.Ipv6Part.from_record(record["ipv6"])
                 if record.get("ipv6") is not None
                 else None,
@@ -371,15 +401,15 @@ def read_counters(cages: Sequence[NetworkCage]) -> dict[str, NetCounters | None]
     return {c.job_id: c._final if c._destroyed else found.get(c.host_veth) for c in cages}
 
 
-def _uplink(config: Config) -> str:
-    if config.uplink is None:
+def _uplink(uplink: str | None) -> str:
+    if uplink is None:
         return ipv6_mod.default_uplink()
-    if not netns.link_exists(config.uplink):
+    if not netns.link_exists(uplink):
         raise NetworkError(
-            f"the uplink {config.uplink!r} set in the config does not exist on the node; "
+            f"the uplink {uplink!r} set in the config does not exist on the node; "
             "set `uplink` to the interface of the node's way out (see `ip route`)"
         )
-    return config.uplink
+    return uplink
 
 
 # -- finding what a dead owner left ---------------------------------------------------

@@ -318,11 +318,21 @@ def remove(netns_name: str) -> None:
         raise NetworkError(f"cannot remove {path}: {e.strerror}") from e
 
 
+def set_link_down(ifname: str) -> None:
+    """Cut a node-side veth off (fail closed: a cage whose rules could not be put back
+    gets no traffic at all). Idempotent; a veth already gone is fine."""
+    _change_link(rtnl.set_down_by_name(ifname, f"setting {ifname} down"))
+
+
 def delete_link(ifname: str) -> None:
     """Delete a leftover node-side veth (and so its peer). Synchronous, ~30 ms (RCU):
     only for `jobcage reap`, never on the teardown path. Idempotent."""
+    _change_link(rtnl.delete_link(ifname, f"deleting {ifname}"))
+
+
+def _change_link(request: rtnl.Request) -> None:
+    """One change to a node-side link; a link already gone (ENODEV) is fine."""
     hooks.check()
-    request = rtnl.delete_link(ifname, f"deleting {ifname}")
     try:
         with rtnl.Socket() as nl:
             (answer,) = nl.talk([request])

@@ -73,6 +73,10 @@ class NetworkPart:
     chains: Mapping[str, Any] = field(default_factory=dict)
     # A dual-stack cage's IPv6 addresses (checked; no names in it): None for IPv4 only.
     ipv6: Mapping[str, Any] | None = None
+    # The config's uplink when the cage was built (None: the default route's).
+    uplink: str | None = None
+    # Keys a newer writer added: kept, never acted on here.
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def netns_path(self) -> str:
@@ -81,6 +85,7 @@ class NetworkPart:
     def to_dict(self, job_id: str, state_dir: str) -> dict[str, Any]:
         """The dict :meth:`NetworkCage.from_record` takes (and format 1 wrote)."""
         return {
+            **self.extra,
             "job_id": job_id,
             "netns_name": self.netns_name,
             "netns_path": self.netns_path,
@@ -96,6 +101,7 @@ class NetworkPart:
             "firewall": self.firewall,
             "chains": dict(self.chains),
             "ipv6": dict(self.ipv6) if self.ipv6 is not None else None,
+            "uplink": self.uplink,
         }
 
 
@@ -365,8 +371,33 @@ def network_part(value: object, job_id: str) -> NetworkPart | None:
         "resolv_conf_path": resolv,
         "chains": _dict(data.get("chains"), "network.chains"),
         "ipv6": _ipv6(data.get("ipv6")),
+        "uplink": _interface(data.get("uplink"), "network.uplink"),
+        "extra": {k: v for k, v in data.items() if k not in _NETWORK_KNOWN},
     }
     return NetworkPart(netns_name=derived["netns_name"], host_veth=derived["host_veth"], **checked)
+
+
+_NETWORK_KNOWN = {
+    *(f.name for f in dataclasses.fields(NetworkPart)),
+    "job_id",
+    "netns_path",
+    "state_dir",
+    "format",
+}
+
+
+def _interface(value: object, name: str) -> str | None:
+    """An interface name as the kernel allows one (IFNAMSIZ - 1 bytes, no '/')."""
+    text = _str(value, name)
+    if text is not None and (
+        not 0 < len(text.encode()) <= 15
+        or "/" in text
+        or text in (".", "..")
+        or not text.isprintable()
+        or " " in text
+    ):
+        raise RecordError(f"has {name} {text!r}, not an interface name")
+    return text
 
 
 def _ipv6(value: object) -> dict[str, Any] | None:

@@ -43,7 +43,8 @@ __all__ = ["REAP_LOCK", "USAGE_DIR", "ReapReport", "ReapedCage", "SetAside", "re
 
 
 def reap(config: Config, *, dry_run: bool = False) -> ReapReport:
-    """Remove dead owners' cages, then objects that carry JobCage's names and no record."""
+    """Remove dead owners' cages, then objects that carry JobCage's names and no record;
+    then put back the rules of live cages that lost them (a firewall reload)."""
     store = StateStore(config.state_dir)
     report = ReapReport(dry_run=dry_run)
     records, bad = store.scan()
@@ -77,6 +78,12 @@ def reap(config: Config, *, dry_run: bool = False) -> ReapReport:
     report.cages += reap_orphan_cgroups(store, config, parents, dry_run)
     if had_network(config):
         report.cages += reap_orphan_network(store, config, dry_run, reaped)
+    if not dry_run and had_network(config):
+        # The live cages' rules, after a firewall reload: this is the hook's command.
+        from ..network.restore import restore_lost
+
+        report.restored, restore_errors = restore_lost(config)
+        report.other_errors += restore_errors
     if not dry_run:
         stale = stale_temp_files(store.cages_dir) + stale_temp_files(usage_dir(config.state_dir))
         report.removed_files += remove_leftovers(stale, parents)

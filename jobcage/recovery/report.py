@@ -57,6 +57,9 @@ class ReapReport:
     # Leftovers of writers killed half-way: temporary record files, empty parents.
     removed_files: list[str] = field(default_factory=list)
     other_errors: list[str] = field(default_factory=list)
+    # Live cages whose rules were gone (`nft flush ruleset`, a firewall reload) and
+    # were put back; their usage says the counts have a gap.
+    restored: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> list[str]:
@@ -66,6 +69,7 @@ class ReapReport:
         return {
             "dry_run": self.dry_run,
             "live": self.live,
+            "restored": self.restored,
             "cages": [c.to_dict() for c in self.cages],
             "set_aside": [
                 {"path": s.path, "reason": s.reason, "moved_to": s.moved_to}

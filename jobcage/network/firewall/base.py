@@ -46,9 +46,15 @@ class Firewall(abc.ABC):
         """Remove the cage's rules, and what cages share if it was the last (then
         returns True). Idempotent."""
 
+    def restore(self, cage: CagePlan, pool: str, uplink: Callable[[], str]) -> None:
+        """Put back a cage whose rules were found gone (a flush, a firewall reload):
+        what is left of it is removed, then it is installed afresh."""
+        self.remove(cage)
+        self.install(cage, pool, uplink)
+
     @abc.abstractmethod
     def counters(self, cage: CagePlan) -> NetCounters:
-        """The cage's counters now. Raises NetworkError if its rules are gone."""
+        """The cage's counters now. Raises RulesGoneError if its rules are gone."""
 
     @abc.abstractmethod
     def counters_many(self, cages: Sequence[CagePlan]) -> dict[str, NetCounters | None]:

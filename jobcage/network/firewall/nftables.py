@@ -11,7 +11,13 @@ import functools
 from collections.abc import Callable, Container, Sequence
 from typing import TypeVar
 
-from ...errors import CageExistsError, ConfigError, KernelFeatureError, NetworkError
+from ...errors import (
+    CageExistsError,
+    ConfigError,
+    KernelFeatureError,
+    NetworkError,
+    RulesGoneError,
+)
 from ...ids import VETH_PREFIX
 from ...netlink import core, nfchannel, nfnl
 from ...netlink.core import Request
@@ -200,6 +206,11 @@ class NftablesFirewall(Firewall):
         except core.NetlinkError as e:
             if e.errno != errno.ENOENT:
                 raise _translate(e, what) from e
+            try:
+                if nfchannel.table_use(TABLE) is None:
+                    return  # the whole table is gone (`nft flush ruleset`): nothing left
+            except core.NetlinkError as e2:
+                raise _translate(e2, what) from e2
             # Partly gone already (an earlier teardown, or by hand): remove what is left,
             # one object at a time (each missing one costs an aborted transaction).
             self._remove_each(cage_removal(cage), what)
@@ -287,12 +298,21 @@ class NftablesFirewall(Firewall):
         values = dict(zip(names, found, strict=True))
         missing = [names[c] for c, v in values.items() if v is None]
         if missing:
-            raise NetworkError(
+            raise RulesGoneError(
                 f"the accounting counters {', '.join(missing)} of cage {cage.host_veth} are "
                 f"gone (table ip {TABLE} deleted by hand, or `nft flush ruleset`?): its "
                 "counters are lost"
             )
         return counters_by_class(values)  # type: ignore[arg-type]
+
+    def restore(self, cage: CagePlan, pool: str, uplink: Callable[[], str]) -> None:
+        """After `nft flush ruleset` nothing of the cage is left: installed afresh (and
+        the table with it). Only what a hand edit left makes it remove first (one
+        aborted transaction per missing object: the slow way, and rare)."""
+        try:
+            self.install(cage, pool, uplink)
+        except CageExistsError:
+            super().restore(cage, pool, uplink)
 
     @_in_family
     def counters_many(self, cages: Sequence[CagePlan]) -> dict[str, NetCounters | None]:

@@ -69,14 +69,15 @@ ESTABLISHED = "RELATED,ESTABLISHED"
 class NetCounters:
     """Bytes and packets of one job, split LAN/WAN; rx is into the job, tx out of it."""
 
-    net_lan_rx_bytes: int = 0
-    net_lan_tx_bytes: int = 0
-    net_wan_rx_bytes: int = 0
-    net_wan_tx_bytes: int = 0
-    net_lan_rx_packets: int = 0
-    net_lan_tx_packets: int = 0
-    net_wan_rx_packets: int = 0
-    net_wan_tx_packets: int = 0
+    # None: lost (the rules were gone when the counts were to be read).
+    net_lan_rx_bytes: int | None = 0
+    net_lan_tx_bytes: int | None = 0
+    net_wan_rx_bytes: int | None = 0
+    net_wan_tx_bytes: int | None = 0
+    net_lan_rx_packets: int | None = 0
+    net_lan_tx_packets: int | None = 0
+    net_wan_rx_packets: int | None = 0
+    net_wan_tx_packets: int | None = 0
     # The IPv6 share of each figure above (which are the sums of both families); None
     # for a cage without IPv6, so a bill never shows a made-up 0.
     net_ipv6_lan_rx_bytes: int | None = dataclasses.field(default=None)
@@ -87,16 +88,28 @@ class NetCounters:
     net_ipv6_lan_tx_packets: int | None = dataclasses.field(default=None)
     net_ipv6_wan_rx_packets: int | None = dataclasses.field(default=None)
     net_ipv6_wan_tx_packets: int | None = dataclasses.field(default=None)
+    # How often the cage's rules were found gone (`nft flush ruleset`, a firewall
+    # reload) and put back: the counts miss what passed meanwhile. 0: they are whole.
+    net_counts_gaps: int = 0
+    # When the counts start (Unix time): the last time the rules were put back, or
+    # found gone; None while they were never lost.
+    net_counted_since_unix: float | None = None
 
     def __add__(self, other: NetCounters) -> NetCounters:
+        def add(a: int | None, b: int | None) -> int | None:
+            # A billed figure lost on either side is lost.
+            return None if a is None or b is None else a + b
+
         def plus(a: int | None, b: int | None) -> int | None:
+            # An IPv6 share: None only when neither side had IPv6.
             return None if a is None and b is None else (a or 0) + (b or 0)
 
+        since = [t for t in (self.net_counted_since_unix, other.net_counted_since_unix) if t]
         return NetCounters(
-            **{
-                f.name: plus(getattr(self, f.name), getattr(other, f.name))
-                for f in dataclasses.fields(self)
-            }
+            **{name: add(getattr(self, name), getattr(other, name)) for name in BILLED_FIELDS},
+            **{name: plus(getattr(self, name), getattr(other, name)) for name in IPV6_FIELDS},
+            net_counts_gaps=self.net_counts_gaps + other.net_counts_gaps,
+            net_counted_since_unix=max(since) if since else None,
         )
 
     def with_ipv6(self, ipv6: NetCounters) -> NetCounters:
@@ -105,12 +118,23 @@ class NetCounters:
         share = {f"net_ipv6_{name[4:]}": getattr(ipv6, name) for name in BILLED_FIELDS}
         return NetCounters(**total, **share)
 
+    def with_gaps(self, gaps: int, since: float | None) -> NetCounters:
+        return dataclasses.replace(self, net_counts_gaps=gaps, net_counted_since_unix=since)
+
+    @classmethod
+    def lost(cls, gaps: int, since: float) -> NetCounters:
+        """Counts that could not be read: every traffic figure None, never a made-up 0."""
+        return cls(
+            **dict.fromkeys(BILLED_FIELDS), net_counts_gaps=gaps, net_counted_since_unix=since
+        )
+
 
 BILLED_FIELDS = tuple(
     f"net_{cls}_{unit}"
     for unit in ("bytes", "packets")
     for cls in ("lan_rx", "lan_tx", "wan_rx", "wan_tx")
 )
+IPV6_FIELDS = tuple(f"net_ipv6_{name[4:]}" for name in BILLED_FIELDS)
 
 
 @dataclass(frozen=True)

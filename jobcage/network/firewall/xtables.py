@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any
 
-from ...errors import CageExistsError, KernelFeatureError, NetworkError
+from ...errors import CageExistsError, KernelFeatureError, NetworkError, RulesGoneError
 from ...netlink.core import NEEDS_CAP_NET_ADMIN
 from .. import hooks
 from . import xtables_read
@@ -63,10 +63,14 @@ _process_lock = threading.Lock()
 
 @contextlib.contextmanager
 def xtables_lock(
-    path: str = XTABLES_LOCK, timeout: float = XTABLES_LOCK_TIMEOUT_SECONDS
+    path: str = XTABLES_LOCK,
+    timeout: float = XTABLES_LOCK_TIMEOUT_SECONDS,
+    *,
+    shared: bool = False,
 ) -> Iterator[None]:
     """Hold the node's xtables lock, waiting at most ``timeout`` seconds, polling the
-    way `iptables -w` does (flock has no timed wait)."""
+    way `iptables -w` does (flock has no timed wait). ``shared``: for a read, which
+    excludes every writer (they take it exclusive) but not other readers."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
@@ -75,7 +79,7 @@ def xtables_lock(
         deadline = time.monotonic() + timeout
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -433,27 +437,46 @@ class IptablesLegacyFirewall(Firewall):
 
     def counters(self, cage: CagePlan) -> NetCounters:
         found = self._read([cage])[0]
-        for name, counters in zip(cage.chain_names, found, strict=True):
-            if counters is None:
-                raise NetworkError(
-                    f"the accounting chain {name} of cage {cage.host_veth} is gone "
-                    "(removed by hand, or `iptables -X`?): its counters are lost"
-                )
-        return classify(cage, found)  # type: ignore[arg-type]
+        if found is None:
+            raise RulesGoneError(
+                f"the accounting chains of cage {cage.host_veth}, or the jumps to them, are "
+                "gone or flushed (a firewall reload, `iptables -F`/`-X`?): its counters "
+                "are lost"
+            )
+        return found
 
     def counters_many(self, cages: Sequence[CagePlan]) -> dict[str, NetCounters | None]:
-        out: dict[str, NetCounters | None] = {}
-        for cage, found in zip(cages, self._read(cages), strict=True):
-            whole = all(c is not None for c in found)
-            out[cage.host_veth] = classify(cage, found) if whole else None  # type: ignore[arg-type]
-        return out
+        return {c.host_veth: found for c, found in zip(cages, self._read(cages), strict=True)}
 
-    def _read(self, cages: Sequence[CagePlan]) -> list[list[list[tuple[int, int]] | None]]:
-        # No lock: one getsockopt, atomic against a concurrent table replace.
+    def _read(self, cages: Sequence[CagePlan]) -> list[NetCounters | None]:
+        """Each cage's counters, None where its rules are not whole: a chain gone or
+        flushed, or a jump to it (or to the shared chains) gone.
+
+        Under the xtables lock, shared: every legacy writer (JobCage's own changes and
+        `iptables`) replaces the table and then adds the old counters back in a
+        second call, holding the lock across both; a copy taken between the two holds
+        the new table with every counter 0, and a bill read then was 0 (issue 17)."""
         try:
-            return xtables_read.counters_of_chains([c.chain_names for c in cages])
+            with xtables_lock(shared=True):
+                blob = xtables_read.read_table("filter")
         except OSError as e:
             raise _translate(e, "reading the cages' counters") from e
+        heads = xtables_read.chain_heads(blob)
+        shared = SharedPlan("0.0.0.0/0", "unused").filter_chains
+        reached = xtables_read.jumps_present(blob, shared, heads)
+        out: list[NetCounters | None] = []
+        for cage in cages:
+            found = [xtables_read.chain_counters(blob, n, heads) for n in cage.chain_names]
+            whole = (
+                reached
+                and all(
+                    f is not None and len(f) == len(spec.rules)
+                    for f, spec in zip(found, cage.chains, strict=True)
+                )
+                and xtables_read.jumps_present(blob, cage.chain_names, heads)
+            )
+            out.append(classify(cage, found) if whole else None)  # type: ignore[arg-type]
+        return out
 
     def _our_chains(self) -> dict[str, list[str]]:
         """table -> names of every JobCage chain in it."""

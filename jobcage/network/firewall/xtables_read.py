@@ -193,3 +193,23 @@ def first_rule_comment(blob: bytes, chain: str) -> str | None:
             return data.split(b"\0", 1)[0].decode(errors="replace")
         at += size
     return ""
+
+
+# struct xt_standard_target: a target of size 40 with an empty name and revision 0,
+# then int verdict; a jump's verdict is the offset of the first rule of its chain (just
+# past the chain's ERROR head: libiptc's IPTCB_chain_start_size).
+_STANDARD_TARGET = struct.pack("=H", 40) + b"\0" * 30
+
+
+def jumps_present(blob: bytes, chains: Sequence[str], heads: dict[str, int] | None = None) -> bool:
+    """Whether some rule of the table jumps to each of ``chains`` (user chains): a
+    flushed FORWARD or shared chain leaves our chains there, but unreached. A bytes
+    search per chain for the standard target that carries its offset."""
+    for name in chains:
+        head = heads.get(name) if heads is not None else _head_offset(blob, name)
+        if head is None:
+            return False
+        _, next_offset = _OFFSETS.unpack_from(blob, head + _OFFSETS_AT)
+        if blob.find(_STANDARD_TARGET + struct.pack("=i", head + next_offset)) < 0:
+            return False
+    return True
