@@ -14,7 +14,7 @@ import json
 import time
 
 import pytest
-from jobcage.reap import reap
+from jobcage.recovery import reap
 
 from jobcage import JobCage
 from jobcage.errors import NetworkError
