@@ -14,13 +14,13 @@ import json
 import time
 
 import pytest
-from jobcage.recovery import reap
 
 from jobcage import JobCage
 from jobcage.errors import NetworkError
 from jobcage.network import NetworkCage
 from jobcage.network.firewall import xtables as firewall_mod
 from jobcage.network.firewall.nftables import NftablesFirewall
+from jobcage.recovery import reap
 from jobcage.testing import networld as world_mod
 from jobcage.testing.networld import INTERNET_HOST, SERVER_PORT
 

@@ -183,6 +183,9 @@ def test_owner_killed_during_create_is_reaped_cleanly(cage_config):
     assert [(c.job_id, c.reason, c.errors) for c in report.cages] == [("half.1", "owner-dead", [])]
     assert cgroup_dirs_exist(dict(record.cgroup.paths)) == []
     assert store.records() == []
+    # No job ever ran in it (spawn comes after create): nothing to bill.
+    assert report.cages[0].usage_file is None
+    assert not os.path.exists(os.path.join(cage_config.state_dir, "usage"))
 
 
 def test_an_empty_record_is_set_aside_and_its_cage_reaped_as_unrecorded(cage_config):

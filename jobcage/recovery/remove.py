@@ -53,7 +53,7 @@ def reap_record(store: StateStore, config: Config, record: CageRecord, reason: s
         with contextlib.suppress(JobCageError):  # untrusted paths failed above already
             cage.removed += remove_cgroup_dirs(trusted_cgroup_paths(record, config), cage)
     billed = record.billed
-    if cage.usage is not None:
+    if cage.usage is not None and _ran_a_job(record):
         try:
             cage.usage_file = billed = write_bill(store.state_dir, record, reason, cage.usage)
         except OSError as e:
@@ -70,6 +70,16 @@ def reap_record(store: StateStore, config: Config, record: CageRecord, reason: s
     else:
         store.remove(record.job_id)
     return cage
+
+
+def _ran_a_job(record: CageRecord) -> bool:
+    """Whether the cage could have run a job, and so has a bill: not one whose owner
+    died building it (spawn comes after create), nor a reaper's own claim on the id of
+    objects with no record."""
+    return record.reaping is None and record.reaped_from_state not in (
+        RecordState.BUILDING,
+        RecordState.REAPING,
+    )
 
 
 def _kill(cgroup: Any, cage: ReapedCage) -> None:
