@@ -224,7 +224,9 @@ def slurm_job_id(environ: Mapping[str, str] | None = None) -> str:
     """``$SLURM_JOB_ID.$SLURM_STEP_ID``, plus ``.$SLURM_PROCID`` when the step has
     several tasks (each task of an ``srun`` wrapper builds its own cage).
 
-    In the batch script itself no step id is set: that is Slurm's "batch" step.
+    In the batch script itself no step id is set: that is Slurm's "batch" step, which
+    has one task whatever ``sbatch -n`` asked for (``SLURM_NTASKS`` there is the job's
+    task count, for the steps to come), so its cage is ``N.batch``.
     """
     env = os.environ if environ is None else environ
     job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
@@ -232,10 +234,109 @@ def slurm_job_id(environ: Mapping[str, str] | None = None) -> str:
         raise ConfigError(
             "--batch slurm needs $SLURM_JOB_ID: run it inside a Slurm job, or give --job-id"
         )
-    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or "batch"
+    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")
+    if not step:
+        return validate_job_id(f"{job}.batch")
     parts = [job, step]
     ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
     procid = env.get("SLURM_PROCID")
     if procid is not None and ntasks is not None and ntasks.isdigit() and int(ntasks) > 1:
         parts.append(procid)
     return validate_job_id(".".join(parts))
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """What ``jobcage run --batch slurm`` takes from Slurm."""
+
+    job_id: str
+    memory_limit_bytes: int | None
+    cpu_limit: float | None
+    # Slurm's KillWait: the time between the SIGTERM of a cancel and its SIGKILL.
+    kill_wait_seconds: float | None
+
+
+def slurm_job(environ: Mapping[str, str] | None = None) -> SlurmJob:
+    """The cage id, and the job's memory and CPU request, from a task's environment.
+
+    Memory: ``SLURM_MEM_PER_NODE`` (``--mem``), else ``SLURM_MEM_PER_CPU``
+    (``--mem-per-cpu``) times the CPUs of this task, both in MiB. CPUs: a step's
+    ``SLURM_CPUS_PER_TASK`` (default 1 when the step has several tasks), the batch
+    script's or a one-task step's ``SLURM_CPUS_ON_NODE``.
+    """
+    env = os.environ if environ is None else environ
+    job_id = slurm_job_id(env)
+    cpus = _slurm_cpus(env)
+    memory_mib = _positive(env.get("SLURM_MEM_PER_NODE"))
+    if memory_mib is None:
+        per_cpu = _positive(env.get("SLURM_MEM_PER_CPU"))
+        if per_cpu is not None:
+            memory_mib = per_cpu * (cpus or 1)
+    return SlurmJob(
+        job_id=job_id,
+        memory_limit_bytes=int(memory_mib * MIB) if memory_mib else None,
+        cpu_limit=cpus,
+        kill_wait_seconds=slurm_kill_wait(env),
+    )
+
+
+def _slurm_cpus(env: Mapping[str, str]) -> float | None:
+    in_step = bool(env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID"))
+    ntasks = _positive(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS"))
+    per_task = _positive(env.get("SLURM_CPUS_PER_TASK"))
+    if in_step and ntasks is not None and ntasks > 1:
+        return per_task or 1.0
+    return _positive(env.get("SLURM_CPUS_ON_NODE")) or per_task
+
+
+def _positive(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        value = float(text.strip())
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+DEFAULT_SLURM_CONF = "/etc/slurm/slurm.conf"
+# Slurm's own default KillWait (slurm.conf(5)).
+SLURM_DEFAULT_KILL_WAIT = 30.0
+# What the teardown after the grace needs, kept free inside KillWait: kill, read the
+# counters, remove the cage, write the record (well under a second even for large
+# jobs; a few seconds cover a loaded node).
+SLURM_TEARDOWN_MARGIN = 5.0
+
+
+def slurm_kill_wait(environ: Mapping[str, str] | None = None) -> float | None:
+    """KillWait from ``$SLURM_CONF`` (else /etc/slurm/slurm.conf); None without a file."""
+    env = os.environ if environ is None else environ
+    path = env.get("SLURM_CONF") or DEFAULT_SLURM_CONF
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.split("#", 1)[0].partition("=")
+        if sep and key.strip().lower() == "killwait":
+            found = _positive(value.split()[0] if value.split() else "")
+            return found if found is not None else SLURM_DEFAULT_KILL_WAIT
+    return SLURM_DEFAULT_KILL_WAIT
+
+
+def slurm_grace(grace_seconds: float, kill_wait_seconds: float | None) -> float:
+    """Keep the grace and the teardown after it inside Slurm's KillWait.
+
+    Slurm SIGKILLs what it tracks KillWait seconds after the SIGTERM of a cancel; a
+    ``jobcage run`` killed before its teardown leaves the cage to `jobcage reap` and
+    keeps the step's stdio open, and slurmd drains the node ("Kill task failed").
+    """
+    if kill_wait_seconds is None:
+        return grace_seconds
+    return max(0.0, min(grace_seconds, kill_wait_seconds - SLURM_TEARDOWN_MARGIN))
+
+
+def slurm_usage_file(state_dir: str, job_id: str) -> str:
+    """The default record place under Slurm: beside the bills `jobcage reap` writes."""
+    return os.path.join(state_dir, "usage", f"{job_id}.json")

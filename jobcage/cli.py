@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch",
         choices=("condor", "slurm"),
         help="take the job id from the batch system (condor: also RequestMemory, the "
-        "scratch dir for the usage record, condor_chirp; slurm: $SLURM_JOB_ID.$SLURM_STEP_ID)",
+        "scratch dir for the usage record, condor_chirp; slurm: $SLURM_JOB_ID.$SLURM_STEP_ID, "
+        "--mem, a grace inside KillWait, the record in <state_dir>/usage/<id>.json)",
     )
     run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 2G or 512M")
     run.add_argument("--pids", metavar="N", type=int, help="limit on the number of processes")
@@ -253,6 +254,7 @@ def _warn(text: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    parent_pid = os.getppid()
     argv = list(args.argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -285,7 +287,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                     )
                 )
         elif args.batch == "slurm":
-            job_id = job_id or batch.slurm_job_id()
+            slurm = batch.slurm_job()
+            job_id = job_id or slurm.job_id
+            if args.memory is None and slurm.memory_limit_bytes is not None:
+                config = config.replace(memory_limit=slurm.memory_limit_bytes)
+            if usage_file is None:
+                usage_file = batch.slurm_usage_file(config.state_dir, job_id)
+            if args.grace is None:
+                config = config.replace(
+                    grace_seconds=batch.slurm_grace(config.grace_seconds, slurm.kill_wait_seconds)
+                )
         result = runner.run_job(
             argv,
             job_id=job_id,
@@ -293,6 +304,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             network=args.network,
             user=int(args.user) if args.user and args.user.isdigit() else args.user,
             cwd=args.cwd,
+            parent_pid=parent_pid,
         )
     except JobCageError as e:
         if args.batch == "condor":
@@ -300,6 +312,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     if usage_file is not None:
         try:
+            if args.batch == "slurm" and args.usage_file is None:
+                os.makedirs(os.path.dirname(usage_file), exist_ok=True)
             runner.write_usage_record(result, usage_file)
         except OSError as e:
             _warn(f"cannot write the usage record to {usage_file}: {e.strerror}")

@@ -48,8 +48,10 @@ class Config:
     # filter and nat tables, for kernels without nf_tables), or "auto": nftables when
     # the kernel has it.
     firewall: str = "auto"
-    # Seconds between forwarding SIGTERM to a job and tearing its cage down.
-    grace_seconds: float = 30.0
+    # Seconds between forwarding SIGTERM to a job and tearing its cage down: with the
+    # teardown, well inside Slurm's default KillWait (30 s) and the 30 s a systemd unit
+    # gets by default.
+    grace_seconds: float = 20.0
     # IPv6 for networked cages (docs/network.md): "nat" (NAT66 out of the uplink),
     # "routed" (ipv6_pool is a global prefix the site routes to the node), "off", or
     # "auto": "nat" when the node has IPv6 enabled, else "off".

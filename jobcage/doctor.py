@@ -53,7 +53,10 @@ def run_checks(config: Config, *, network: bool = True) -> list[Check]:
 
     ``network=False`` skips the network checks, for sites that never run ``--network``.
     """
+    from .batchcheck import batch_checks
+
     checks = [check_root(), *check_cgroups(config), check_state_dir(config)]
+    checks += [Check(name, Status(status), text) for name, status, text in batch_checks(config)]
     if network:
         checks += [
             check_netns(),
@@ -361,9 +364,9 @@ def check_forwarding() -> Check:
         return Check(name, Status.OK, "net.ipv4.ip_forward = 1")
     return Check(
         name,
-        Status.WARN,
-        "net.ipv4.ip_forward = 0: networked cages cannot reach beyond the node; set "
-        "net.ipv4.ip_forward = 1 in /etc/sysctl.d/90-jobcage.conf and run sysctl --system",
+        Status.OK,
+        "net.ipv4.ip_forward = 0 now: the first networked cage turns it on (and it stays "
+        "on); to have it on from boot, put net.ipv4.ip_forward = 1 in /etc/sysctl.d/",
     )
 
 

@@ -41,6 +41,11 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR2,
 )
 STOPPING_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+# Sent to us by the kernel when the thread that started us exits (PR_SET_PDEATHSIG);
+# a real-time signal nobody else sends, checked against getppid() since a parent
+# thread, not the parent process, may be what exited.
+PARENT_DEATH_SIGNAL = signal.SIGRTMIN + 2
+PR_SET_PDEATHSIG = 1
 
 
 def generate_job_id(now: float | None = None) -> str:
@@ -67,6 +72,9 @@ class RunResult:
     usage: Usage | None
     signals_received: list[str] = field(default_factory=list)
     grace_expired: bool = False
+    # The process that started `jobcage run` exited while the job ran (a batch shell
+    # killed by a cancel): the job was stopped as if by SIGTERM.
+    parent_exited: bool = False
     # A teardown that failed after the job ran: the job's status still stands, the
     # record is kept and `jobcage reap` finishes the cage.
     teardown_error: str | None = None
@@ -83,6 +91,7 @@ class RunResult:
             "ended_unix": round(self.ended_unix, 6),
             "signals_received": self.signals_received,
             "grace_expired": self.grace_expired,
+            "parent_exited": self.parent_exited,
             "teardown_error": self.teardown_error,
             "usage": self.usage.to_dict() if self.usage else None,
         }
@@ -99,8 +108,10 @@ class _SignalRelay:
     answered once the cage is built, by not starting the job at all.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parent_pid: int | None = None) -> None:
         self.received: list[int] = []
+        self.parent_pid = parent_pid
+        self.parent_exited = False
         self._saved: dict[int, Any] = {}
         self._saved_wakeup = -1
         self.read_fd = -1
@@ -116,9 +127,31 @@ class _SignalRelay:
             return self
         for sig in FORWARDED_SIGNALS:
             self._saved[sig] = signal.signal(sig, self._handle)
+        if self.parent_pid is not None:
+            self._watch_parent(self.parent_pid)
         return self
 
+    def _watch_parent(self, parent_pid: int) -> None:
+        """Stop the job when our parent exits, as Slurm's batch shell does on scancel.
+
+        Slurm signals the batch shell, not what it runs; the shell dies and
+        ``jobcage run`` is SIGKILLed KillWait later with the cage still built. The
+        kernel tells us of the parent's exit at once (PR_SET_PDEATHSIG), which leaves
+        the grace and the teardown their time before that SIGKILL.
+        """
+        from . import syscalls
+
+        self._saved[PARENT_DEATH_SIGNAL] = signal.signal(PARENT_DEATH_SIGNAL, self._handle)
+        syscalls.libc.prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
+        if os.getppid() != parent_pid:  # it exited before prctl
+            os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
+
     def _handle(self, signum: int, _frame: Any) -> None:
+        if signum == PARENT_DEATH_SIGNAL:
+            if self.parent_exited or os.getppid() == self.parent_pid:
+                return  # a thread of the parent exited, not the parent
+            self.parent_exited = True
+            signum = signal.SIGTERM
         self.received.append(signum)
 
     def drain(self) -> None:
@@ -127,6 +160,10 @@ class _SignalRelay:
                 pass
 
     def __exit__(self, *exc: object) -> None:
+        if self.parent_pid is not None and self._saved:
+            from . import syscalls
+
+            syscalls.libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
         if self._saved_wakeup is not None:
@@ -149,13 +186,15 @@ def run_job(
     env: Mapping[str, str] | None = None,
     grace_seconds: float | None = None,
     on_started: Callable[[JobCage, int], None] | None = None,
+    parent_pid: int | None = None,
 ) -> RunResult:
     """Build a cage, run ``argv`` in it, forward signals, tear down, return the result.
 
     Errors before the job starts (bad id, not root, missing kernel feature, command
     not found) raise JobCageError subclasses with nothing left behind. Once the job
     has run, a teardown failure is reported in the result rather than raised, so the
-    caller still gets the job's exit status.
+    caller still gets the job's exit status. With ``parent_pid`` (the pid that
+    started this process), that process exiting stops the job like a SIGTERM.
     """
     job_id = validate_job_id(job_id) if job_id is not None else generate_job_id()
     grace = config.grace_seconds if grace_seconds is None else float(grace_seconds)
@@ -169,7 +208,7 @@ def run_job(
         campus_networks=campus_networks,
         config=config,
     )
-    with _SignalRelay() as relay:
+    with _SignalRelay(parent_pid) as relay:
         started = time.time()
         cage.create()
         try:
@@ -209,6 +248,7 @@ def run_job(
             usage=cage.final_usage,
             signals_received=[signal.Signals(s).name for s in relay.received],
             grace_expired=grace_expired,
+            parent_exited=relay.parent_exited,
             teardown_error=teardown_error,
         )
 

@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from jobcage import ConfigError, Usage
+from jobcage import Config, ConfigError, Usage
 from jobcage.batch import (
     chirp_attribute,
     chirp_usage,
     condor_grace,
     condor_job,
     parse_classad,
+    slurm_grace,
+    slurm_job,
     slurm_job_id,
+    slurm_kill_wait,
 )
+from jobcage.batchcheck import check_slurm
 
 from .cli_support import JOBCAGE, REPO, config_env, list_json
 
@@ -135,6 +141,8 @@ def test_failing_chirp_is_reported_once_not_raised(tmp_path):
             "812.3.2",
         ),
         ({"SLURM_JOBID": "9", "SLURM_STEPID": "1"}, "9.1"),
+        # sbatch -n 2: the batch script sees the job's task count, but is one task.
+        ({"SLURM_JOB_ID": "812", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}, "812.batch"),
     ],
 )
 def test_slurm_job_id(env, expected):
@@ -144,6 +152,55 @@ def test_slurm_job_id(env, expected):
 def test_slurm_job_id_outside_slurm_says_what_to_do():
     with pytest.raises(ConfigError, match="--job-id"):
         slurm_job_id({})
+
+
+@pytest.mark.parametrize(
+    ("env", "memory", "cpus"),
+    [
+        ({"SLURM_MEM_PER_NODE": "200", "SLURM_CPUS_ON_NODE": "2"}, 200 << 20, 2),
+        ({"SLURM_MEM_PER_CPU": "100", "SLURM_CPUS_ON_NODE": "3"}, 300 << 20, 3),
+        (
+            {
+                "SLURM_STEP_ID": "0",
+                "SLURM_STEP_NUM_TASKS": "4",
+                "SLURM_CPUS_PER_TASK": "2",
+                "SLURM_MEM_PER_CPU": "50",
+                "SLURM_PROCID": "1",
+            },
+            100 << 20,
+            2,
+        ),
+        ({}, None, None),
+    ],
+)
+def test_slurm_job_takes_the_jobs_memory_and_cpus(env, memory, cpus):
+    job = slurm_job({"SLURM_JOB_ID": "5", "SLURM_CONF": "/nonexistent", **env})
+    assert job.memory_limit_bytes == memory and job.cpu_limit == cpus
+
+
+def test_slurm_grace_fits_inside_killwait(tmp_path):
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=c\nKillWait=8 # short\n")
+    assert slurm_kill_wait({"SLURM_CONF": str(conf)}) == 8
+    assert slurm_grace(20, 8) == 3
+    conf.write_text("ClusterName=c\n")
+    assert slurm_kill_wait({"SLURM_CONF": str(conf)}) == 30  # Slurm's default
+    assert slurm_kill_wait({"SLURM_CONF": str(tmp_path / "none")}) is None
+    # The default grace and its teardown fit Slurm's default KillWait.
+    assert slurm_grace(Config().grace_seconds, 30) == Config().grace_seconds
+
+
+def test_doctor_warns_when_the_grace_does_not_fit_killwait(tmp_path):
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("KillWait=30\nProctrackType=proctrack/pgid\n")
+    lines = {name: (status, text) for name, status, text in check_slurm(Config(), str(conf))}
+    assert lines["slurm kill wait"][0] == "ok"
+    assert lines["slurm proctrack"][0] == "warn"
+    late = {n: (s, t) for n, s, t in check_slurm(Config(grace_seconds=30.0), str(conf))}
+    assert (
+        late["slurm kill wait"][0] == "warn"
+        and "grace_seconds <= 25" in late["slurm kill wait"][1]
+    )
 
 
 # -- the wrapper for real ----------------------------------------------------------------
@@ -236,3 +293,69 @@ def test_slurm_step_id_reaches_the_cage(cage_config):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["job_id"] == "812.4"
+
+
+# -- the caller going away -------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_run_stops_the_job_when_the_shell_that_started_it_dies(cage_config, tmp_path):
+    """A batch shell killed by a cancel: jobcage run stops the job (its daemon too),
+    tears the cage down and writes the record, without any signal of its own."""
+    record = tmp_path / "record.jsonl"
+    fifo = tmp_path / "started"
+    os.mkfifo(fifo)
+    job = f"setsid sleep 600 & echo started > {fifo}; sleep 600"
+    shell = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            f"{JOBCAGE} run --usage-file {record} -- sh -c '{job}'; echo after",
+        ],
+        env=config_env(cage_config),
+        stdout=subprocess.PIPE,
+    )
+    with open(fifo) as f:
+        assert f.readline() == "started\n"
+    runner_pid = int(
+        subprocess.run(
+            ["pgrep", "-P", str(shell.pid)], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+    )
+    runner = os.pidfd_open(runner_pid)
+    shell.kill()
+    shell.wait()
+    select.select([runner], [], [], 30)
+    os.close(runner)
+    (line,) = record.read_text().splitlines()
+    result = json.loads(line)
+    assert result["parent_exited"] is True
+    assert result["exit_status"] == 143 and result["usage"]["processes_killed"] == 1  # the daemon
+
+
+@pytest.mark.root
+def test_doctor_does_not_call_forwarding_off_a_failure():
+    """JobCage turns ip_forward on itself: 0 is no reason to warn that cages cannot
+    get out (a fresh netns of our own has it at 0)."""
+    name = f"jct-fwd-{os.urandom(3).hex()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        out = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                name,
+                sys.executable,
+                "-c",
+                "from jobcage.doctor import check_forwarding as c; r = c(); "
+                "print(r.status.value, r.message)",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    assert out.startswith("ok net.ipv4.ip_forward = 0"), out
+    assert "cannot" not in out and "first networked cage turns it on" in out

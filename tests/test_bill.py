@@ -36,6 +36,24 @@ def test_a_bill_is_written_once_per_cage_and_a_reused_id_gets_its_own(tmp_path):
     assert write_bill(store.state_dir, later, "owner-dead", None).endswith("bill.1.1.json")
 
 
+def test_a_cage_its_owner_billed_under_slurm_is_not_billed_again(tmp_path):
+    """`jobcage run --batch slurm` writes its record to usage/<id>.json itself; a
+    teardown that failed after that leaves the cage to reap, which must not bill it
+    twice. A record of an earlier job of the same id (started before this cage) is
+    no bill of this one."""
+    store = StateStore(str(tmp_path / "state"))
+    record = store.new_record("7.batch")
+    os.makedirs(usage_dir(store.state_dir))
+    own = os.path.join(usage_dir(store.state_dir), "7.batch.json")
+    with open(own, "w") as f:
+        json.dump({"job_id": "7.batch", "started_unix": record.created_unix + 0.01}, f)
+    assert write_bill(store.state_dir, record, "teardown-failed", None) == own
+    assert os.listdir(usage_dir(store.state_dir)) == ["7.batch.json"]
+    with open(own, "w") as f:
+        json.dump({"job_id": "7.batch", "started_unix": record.created_unix - 100}, f)
+    assert write_bill(store.state_dir, record, "owner-dead", None).endswith("7.batch.1.json")
+
+
 @pytest.mark.root
 def test_destroyed_then_reaped_in_two_passes_is_billed_once(cage_config, frozen_fs, short_kill):  # noqa: F811
     cage = JobCage("twopass.1", config=cage_config).create()

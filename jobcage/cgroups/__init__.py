@@ -200,6 +200,12 @@ def open_backend(config: Config, hierarchies: Hierarchies | None = None) -> Cgro
     version = {"auto": h.default_version, "1": 1, "2": 2}.get(str(config.cgroup_version))
     if version is None:
         raise ConfigError(f"cgroup_version must be auto, 1 or 2, not {config.cgroup_version!r}")
+    if version in (1, 2) and config.cgroup_parent is not None:
+        from .caller import caller_limit
+
+        if caller_limit(h, version) is not None:
+            # Never weaken the batch system's limits: nest under the caller.
+            config = config.replace(cgroup_parent=None)
     if version == 1:
         from .v1 import CgroupV1Backend
 

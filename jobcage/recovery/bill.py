@@ -7,7 +7,9 @@ destroyed by its owner and reaped later; it is billed once. The record says
 exclusively (link(2) fails with EEXIST, like O_EXCL), so two reapers, or a reaper that
 died between writing the bill and saving the record, never make a second one. A bill
 for the same job id from an earlier cage (the id was reused: ``created_unix``
-differs) keeps its name, and the new one gets ``<job id>.<n>.json``.
+differs) keeps its name, and the new one gets ``<job id>.<n>.json``. Under Slurm
+``jobcage run`` writes its own usage record here too (jobcage/batch.py): a cage whose
+owner wrote it before its teardown failed is billed by that record alone.
 """
 
 from __future__ import annotations
@@ -72,8 +74,15 @@ def _bills_this_cage(path: str, record: CageRecord) -> bool:
             bill = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError):
         return False  # not ours to judge: leave it, bill beside it
+    if not isinstance(bill, dict) or bill.get("job_id") != record.job_id:
+        return False
+    if bill.get("created_unix") is not None:  # a reap's bill
+        return bill["created_unix"] == record.created_unix
+    # `jobcage run`'s own record (under Slurm it is written here too): its job started
+    # in this cage if it started after the cage was created.
+    started = bill.get("started_unix")
     return (
-        isinstance(bill, dict)
-        and bill.get("job_id") == record.job_id
-        and bill.get("created_unix") == record.created_unix
+        isinstance(started, int | float)
+        and record.created_unix is not None
+        and started >= record.created_unix
     )
