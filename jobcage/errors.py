@@ -80,6 +80,10 @@ class RecordError(JobCageError):
     """A record that fails validation; the text says why (its path is added by the store)."""
 
 
+class NewerRecordError(RecordError):
+    """A record of a format newer than this JobCage reads: left alone, not set aside."""
+
+
 class RulesGoneError(NetworkError):
     """A cage's rules or counters are gone from the node's firewall (`nft flush
     ruleset`, a firewall reload): what passed since is uncounted, and unfiltered."""

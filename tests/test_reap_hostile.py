@@ -182,3 +182,19 @@ def test_doctor_and_every_command_refuse_a_world_writable_state_dir(cage_config)
         JobCage("ww.1", config=cage_config).create()
     status, out, _err = run_main(["doctor", "--no-network", *config_args(cage_config)])
     assert "FAIL  state dir" in out and "writable by others" in out
+
+
+def test_a_newer_formats_record_is_left_alone_and_so_is_its_cage(cage_config):
+    """An upgrade under way: a cage built by a newer JobCage is neither set aside nor
+    reaped as unrecorded by this one; reap says so and exits 1."""
+    store = StateStore(cage_config.state_dir)
+    cage = JobCage("newer.1", config=cage_config).create()
+    proc = cage.spawn(["sleep", "1000"])
+    _write_record(store, "newer.1", json.dumps({"format": 99, "job_id": "newer.1"}).encode())
+    try:
+        status, _out, err = run_main(["reap", *config_args(cage_config)])
+        assert status == 1 and "newer than this JobCage reads" in err
+        assert proc.poll() is None and os.path.exists(store.path("newer.1"))
+    finally:
+        store.remove("newer.1")
+        cage.destroy()

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidJobIdError, RecordError
+from ..errors import InvalidJobIdError, NewerRecordError, RecordError
 from ..ids import netns_name, validate_job_id, veth_names
 from ..usage import Usage
 
@@ -193,6 +193,13 @@ def parse_record(data: object, file_job_id: str) -> CageRecord:
     if not isinstance(data, dict):
         raise RecordError(f"is a JSON {_json_type(data)}, not an object")
     fmt = data.get("format", 1)  # a claim of 0.x wrote no format before it was built
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > RECORD_FORMAT:
+        # A newer JobCage's cage (an upgrade under way): never set aside, since its
+        # objects would then be reaped as unrecorded while its owner runs.
+        raise NewerRecordError(
+            f"has format {fmt}, newer than this JobCage reads ({RECORD_FORMAT}); it is "
+            "left alone: run the newer `jobcage` on this node"
+        )
     if fmt not in READABLE_FORMATS or isinstance(fmt, bool):
         raise RecordError(f"has format {fmt!r}; this JobCage reads {sorted(READABLE_FORMATS)}")
     job_id = data.get("job_id")

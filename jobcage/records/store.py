@@ -37,6 +37,7 @@ from ..errors import (
     CageExistsError,
     CageNotFoundError,
     InvalidJobIdError,
+    NewerRecordError,
     RecordError,
     StateDirError,
 )
@@ -57,6 +58,8 @@ class BadRecord:
     path: str
     job_id: str | None  # from the file name, if that is a valid job id
     reason: str
+    # Written by a newer JobCage: left in place, its job id still taken.
+    newer: bool = False
 
     def __str__(self) -> str:
         return f"bad cage record {self.path}: {self.reason}"
@@ -314,7 +317,8 @@ class StateStore:
             except ValueError as e:  # JSONDecodeError, and RecordError is not one
                 bad.append(BadRecord(path, _job_id_or_none(stem), f"is not JSON ({e})"))
             except RecordError as e:
-                bad.append(BadRecord(path, _job_id_or_none(stem), str(e)))
+                newer = isinstance(e, NewerRecordError)
+                bad.append(BadRecord(path, _job_id_or_none(stem), str(e), newer))
         return good, bad
 
     def records(self) -> list[CageRecord]:

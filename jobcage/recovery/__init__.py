@@ -91,6 +91,9 @@ def reap(config: Config, *, dry_run: bool = False) -> ReapReport:
 
 
 def _set_aside(store: StateStore, bad: BadRecord, report: ReapReport) -> None:
+    if bad.newer:
+        report.other_errors.append(str(bad))
+        return
     if report.dry_run:
         report.set_aside.append(SetAside(bad.path, bad.reason, None))
         return

@@ -180,7 +180,9 @@ def claimed(store: StateStore, job_id: str, reason: str) -> Iterator[bool]:
 def reap_orphan_cgroups(
     store: StateStore, config: Config, parents: dict[str, str], dry_run: bool
 ) -> list[ReapedCage]:
-    recorded = {r.job_id for r in store.records()}
+    # A record left in place although bad (a newer format's) still takes its job id.
+    good, bad = store.scan()
+    recorded = {r.job_id for r in good} | {b.job_id for b in bad if b.job_id}
     out = []
     for job_id, paths in sorted(orphan_cgroups(parents, recorded).items()):
         cage = ReapedCage(job_id, "no-record")
