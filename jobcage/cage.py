@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from .cgroups import CageCgroup, CgroupBackend, open_backend
-from .config import Config, load_config, parse_size
+from .config import Config, load_config, parse_cpus, parse_size
 from .errors import (
     CageStateError,
     ConfigError,
@@ -60,6 +60,7 @@ class JobCage:
         *,
         memory_limit: str | int | None = None,
         pids_limit: int | None = None,
+        cpu_limit: float | None = None,
         network: bool = False,
         campus_networks: Sequence[str] | None = None,
         config: Config | None = None,
@@ -74,13 +75,15 @@ class JobCage:
             not isinstance(self.pids_limit, int) or self.pids_limit <= 0
         ):
             raise ConfigError(f"pids limit must be a positive integer, not {self.pids_limit!r}")
+        self.cpu_limit = parse_cpus(cpu_limit if cpu_limit is not None else self.config.cpu_limit)
         self.network = bool(network)
         campus = campus_networks if campus_networks is not None else self.config.campus_networks
         try:
-            self.campus_networks = tuple(str(ipaddress.IPv4Network(c)) for c in campus)
+            # Either family: a dual-stack cage counts its IPv6 against the IPv6 ones.
+            self.campus_networks = tuple(str(ipaddress.ip_network(c)) for c in campus)
         except ValueError as e:
             raise ConfigError(
-                f"bad campus network: {e}; give IPv4 CIDRs such as 129.93.0.0/16"
+                f"bad campus network: {e}; give CIDRs such as 129.93.0.0/16 or 2001:db8::/32"
             ) from None
         self.final_usage: Usage | None = None
         self._state = State.NEW
@@ -147,6 +150,7 @@ class JobCage:
             cgroup=CgroupPart(backend.version, backend.paths_for(self.job_id)),
             memory_limit_bytes=self.memory_limit,
             pids_limit=self.pids_limit,
+            cpu_limit=self.cpu_limit,
             cgroup_parent=self.config.cgroup_parent,
         )
         self._store.claim(record)
@@ -154,7 +158,10 @@ class JobCage:
         self._backend = backend
         try:
             self._cgroup = backend.create(
-                self.job_id, memory_limit=self.memory_limit, pids_limit=self.pids_limit
+                self.job_id,
+                memory_limit=self.memory_limit,
+                pids_limit=self.pids_limit,
+                cpu_limit=self.cpu_limit,
             )
             record = record.replace(cgroup=CgroupPart(backend.version, self._cgroup.paths))
             if self.network:

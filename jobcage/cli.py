@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 2G or 512M")
     run.add_argument("--pids", metavar="N", type=int, help="limit on the number of processes")
     run.add_argument(
+        "--cpus",
+        metavar="N",
+        help="CPU limit in CPUs, e.g. 2 or 0.5 (default: cpu_limit; --batch: the job's request)",
+    )
+    run.add_argument(
         "--network", action="store_true", help="give the job its own accounted network"
     )
     run.add_argument(
@@ -265,6 +270,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["memory_limit"] = args.memory
     if args.pids is not None:
         overrides["pids_limit"] = args.pids
+    if args.cpus is not None:
+        overrides["cpu_limit"] = args.cpus
     if args.campus:
         overrides["campus_networks"] = args.campus
     if args.grace is not None:
@@ -291,6 +298,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             job_id = job_id or slurm.job_id
             if args.memory is None and slurm.memory_limit_bytes is not None:
                 config = config.replace(memory_limit=slurm.memory_limit_bytes)
+            if args.cpus is None and slurm.cpu_limit is not None:
+                config = config.replace(cpu_limit=slurm.cpu_limit)
             if usage_file is None:
                 usage_file = batch.slurm_usage_file(config.state_dir, job_id)
             if args.grace is None:

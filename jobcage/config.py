@@ -38,6 +38,9 @@ class Config:
     campus_networks: tuple[str, ...] = ()
     memory_limit: str | int | None = None
     pids_limit: int | None = None
+    # CPUs a job may use (1.5: one and a half CPUs' time per period): cpu.max on v2,
+    # the cpu controller's CFS quota on v1.
+    cpu_limit: float | None = None
     # Whether a caged job may open connections to services on the node itself.
     allow_node_access: bool = False
     # DNS servers for networked cages when the node's resolver is on loopback and
@@ -88,6 +91,25 @@ def parse_size(value: str | int | None) -> int | None:
     return size
 
 
+def parse_cpus(value: float | int | str | None) -> float | None:
+    """A CPU limit as a positive number of CPUs (``2``, ``0.5``); None for no limit."""
+    from .errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        cpus = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"cpu limit {value!r} is not a number of CPUs; write e.g. 2 or 0.5"
+        ) from None
+    if not cpus > 0 or cpus == float("inf"):
+        raise ConfigError(f"cpu limit {value!r} must be a positive number of CPUs, e.g. 2 or 0.5")
+    return cpus
+
+
 DEFAULT_CONFIG_FILE = "/etc/jobcage/jobcage.toml"
 ENV_PREFIX = "JOBCAGE_"
 
@@ -118,6 +140,8 @@ def _coerce(name: str, value: object, where: str) -> object:
             if isinstance(value, bool):
                 raise TypeError("a number")
             return float(value)  # type: ignore[arg-type]
+        if kind == "float | None":
+            return parse_cpus(value)  # type: ignore[arg-type]
         if kind == "int | None":
             if isinstance(value, bool) or int(value) <= 0:  # type: ignore[call-overload]
                 raise TypeError("a positive integer")

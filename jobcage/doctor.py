@@ -402,7 +402,9 @@ def check_addresses(config: Config) -> list[Check]:
     campus = []
     for text in config.campus_networks:
         try:
-            campus.append(ipaddress.IPv4Network(text))
+            network = ipaddress.ip_network(text)
+            if network.version == 4:  # IPv6 ones: the ipv6 check's (against ipv6_pool)
+                campus.append(network)
         except ValueError as e:
             checks.append(Check("campus networks", Status.FAIL, f"campus_networks: {e}"))
     if not config.campus_networks:

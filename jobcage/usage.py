@@ -39,6 +39,12 @@ class Usage:
     # outlived every bounded wait). 0 on a clean teardown; the cage record is kept so
     # `jobcage reap` retries.
     processes_surviving: int | None = None
+    # The CPU limit (CPUs), and how the kernel enforced it: CFS periods in which the
+    # job ran, those in which it was throttled, and the time it spent throttled.
+    cpu_limit_cpus: float | None = None
+    cpu_periods: int | None = None
+    cpu_throttled_periods: int | None = None
+    cpu_throttled_seconds: float | None = None
     # How often the network cage's rules were found gone (`nft flush ruleset`, a
     # firewall reload) and put back: the net_* counts miss what passed meanwhile (and
     # are None if the rules were gone at teardown). 0: whole; None: no network cage.

@@ -71,7 +71,13 @@ def test_bench_quick_all_sections_including_network(tmp_path):
     assert set(result["network"]) == {"nftables", "iptables-legacy"}
     for net in result["network"].values():
         check_network(net)
+    v6 = result["ipv6"]
+    assert v6["lifecycle"]["dual_stack_vs_ipv4_only"] > 0
+    assert v6["datapath"]["iperf_gbps_cage"] > 0 and v6["datapath"]["iperf_cage_vs_node"] > 0
+    assert {row["class"] for row in v6["accuracy"]} == {"lan_rx", "lan_tx", "wan_rx", "wan_tx"}
+    assert all(row["counted_bytes"] >= row["payload_bytes"] for row in v6["accuracy"])
     text = out_md.read_text()
+    assert "IPv6 (dual-stack cages, nftables)" in text
     assert "Lifecycle, networked" in text and "| N |" in text and "Accuracy" in text
     assert "firewall = nftables" in text and "firewall = iptables-legacy" in text
     after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()

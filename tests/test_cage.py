@@ -15,6 +15,7 @@ import pytest
 from jobcage import (
     CageExistsError,
     CageStateError,
+    ConfigError,
     InvalidJobIdError,
     JobCage,
     NotRootError,
@@ -398,3 +399,36 @@ def test_v2_freeze_kill_and_cpu_stat(cage_config_v2):
     if "memory" not in read_file(os.path.join(probe().v2_mount, "cgroup.controllers")).split():
         assert cage.final_usage.memory_peak_bytes is None
         assert cage.final_usage.io_read_bytes is None
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("cpus", [0.5, "0.25"])
+def test_cpu_limit_throttles_the_job_and_the_record_says_so(cage_config, cpus):
+    """Two busy processes (wanting two CPUs) under a limit of ``cpus``: the kernel
+    throttles them, CPU time stays near the quota, and the record carries the limit
+    and the throttling. Each spins for CPU time, not wall time, so a loaded machine
+    only makes the test longer."""
+    burner = textwrap.dedent("""
+        import os, time
+        pid = os.fork()
+        end = time.process_time() + 0.15
+        while time.process_time() < end:
+            pass
+        if pid:
+            os.waitpid(pid, 0)
+    """)
+    with JobCage(unique("cpu"), cpu_limit=cpus, config=cage_config) as cage:
+        cage.spawn([sys.executable, "-c", burner]).wait()
+    usage = cage.final_usage
+    assert usage.cpu_limit_cpus == float(cpus)
+    assert usage.cpu_periods >= 3 and usage.cpu_throttled_periods >= 1
+    assert usage.cpu_throttled_seconds > 0
+    # 0.6 s of wall at most `cpus` CPUs, plus the interpreter's start and a period.
+    used = usage.cpu_user_seconds + usage.cpu_system_seconds
+    assert used <= float(cpus) * (usage.wall_seconds + 0.1) + 0.05, (used, usage)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "lots", True, float("inf")])
+def test_bad_cpu_limit_is_one_clear_error_and_nothing_built(cage_config, bad):
+    with pytest.raises(ConfigError, match="cpu limit"):
+        JobCage(unique("cpu"), cpu_limit=bad, config=cage_config)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import subprocess
 import sys
@@ -14,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from jobcage import JobCage
 from jobcage import fetch as fetch_mod
 from jobcage.cli import main
-from jobcage.config import Config
 from jobcage.errors import ConfigError, FetchError
 from jobcage.testing.networld import (
     CAMPUS_NETWORK,
@@ -199,44 +198,34 @@ def test_cli_quiet_on_success_one_line_when_every_route_failed(squid, tmp_path):
     assert not dest.exists() and no_temp_files(tmp_path)
 
 
-def jobcage_run_fetch(squid, cages: Config, url: str, dest: Path, env: dict[str, str]) -> dict:
-    """``jobcage run --network -- jobcage fetch URL DEST`` on the node, as a job wrapper
-    would run it; the usage of the record it writes."""
-    record = dest.with_suffix(".usage.json")
-    settings = {
-        "allow_node_access": "true",
-        "address_pool": POOL,
-        "campus_networks": CAMPUS_NETWORK,
-    }
-    argv = [sys.executable, "-m", "jobcage.cli", "run", "--network", "--usage-file", str(record)]
-    argv += ["--state-dir", cages.state_dir, "--cgroup-parent", cages.cgroup_parent]
-    argv += [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
-    argv += ["--", sys.executable, "-m", "jobcage.cli", "fetch", url, str(dest)]
-    world = squid.world
-    done = world.exec_in(world.node, argv, check=False, env={**os.environ, **env}, timeout=120)
-    assert done.returncode == 0, done.stderr
-    (line,) = record.read_text().splitlines()
-    written = json.loads(line)
-    assert written["exit_status"] == 0
-    return written["usage"]
-
-
 @pytest.mark.root
 @pytest.mark.network
 def test_fetch_in_a_cage_through_the_node_squid_costs_no_wan(squid, cage_config, tmp_path):
-    """Job -> node squid is LAN traffic (allow_node_access): the usage record of a job
-    whose input was a cache HIT shows no WAN bytes; fetched directly, its size in WAN.
-    (One firewall backend: the accounting of both is proven in test_network.)"""
+    """Job -> node squid is LAN traffic (allow_node_access); a HIT costs no WAN bytes,
+    the same file fetched directly costs its size in WAN bytes."""
     size = 4 * MiB
     url = f"{ORIGIN}/bytes/{size}"
     fetch_mod.fetch(url, str(tmp_path / "warm"), environ=squid_env(squid), **FAST)  # a MISS
-    env = {"PYTHONPATH": str(Path(__file__).parent.parent)}
-    via_squid = {**env, **squid_env(squid)}
-    cached = jobcage_run_fetch(squid, cage_config, url, tmp_path / "cached", via_squid)
-    direct = jobcage_run_fetch(squid, cage_config, url, tmp_path / "direct", env)
-    assert cached["net_lan_rx_bytes"] >= size
-    assert cached["net_wan_rx_bytes"] + cached["net_wan_tx_bytes"] < 16 * 1024
-    assert direct["net_wan_rx_bytes"] >= size and direct["net_lan_rx_bytes"] < 16 * 1024
+    config = cage_config.replace(
+        campus_networks=(CAMPUS_NETWORK,), address_pool=POOL, allow_node_access=True
+    )
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).parent.parent)}
+    argv = [sys.executable, "-m", "jobcage.cli", "fetch", url]
+    with JobCage("fetch" + squid.world.suffix, network=True, config=config) as cage:
+        cached = cage.spawn(
+            [*argv, str(tmp_path / "cached")],
+            env={**env, **squid_env(squid)},
+            stderr=subprocess.PIPE,
+        )
+        assert cached.wait() == 0, cached.stderr.read()
+        cached.stderr.close()
+        via_cache = cage.usage()
+        direct = cage.spawn([*argv, str(tmp_path / "direct")], env=env)
+        assert direct.wait() == 0
+        total = cage.usage()
+    assert via_cache.net_lan_rx_bytes >= size
+    assert via_cache.net_wan_rx_bytes + via_cache.net_wan_tx_bytes < 16 * 1024
+    assert total.net_wan_rx_bytes - via_cache.net_wan_rx_bytes >= size
     assert (tmp_path / "cached").read_bytes() == (tmp_path / "direct").read_bytes()
     squid.stop()
     assert squid.access_log()[-1].split()[3].startswith("TCP_MEM_HIT/200")

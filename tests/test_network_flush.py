@@ -11,6 +11,7 @@ inside the simulated node.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -18,11 +19,13 @@ import pytest
 from jobcage import JobCage
 from jobcage.errors import NetworkError
 from jobcage.network import NetworkCage
+from jobcage.network import netns as netns_mod
 from jobcage.network.firewall import xtables as firewall_mod
 from jobcage.network.firewall.nftables import NftablesFirewall
+from jobcage.network.restore import restore_lost
 from jobcage.recovery import reap
 from jobcage.testing import networld as world_mod
-from jobcage.testing.networld import INTERNET_HOST, SERVER_PORT
+from jobcage.testing.networld import INTERNET_HOST, SERVER_PORT, wait_until
 
 from .conftest_network import run_in_cage
 
@@ -113,3 +116,39 @@ def test_rules_that_cannot_come_back_leave_the_cage_cut_off(node, net_config, jo
     finally:
         monkeypatch.undo()
         cage.destroy()
+
+
+def _waiting_for_a_lock(tid: int) -> bool:
+    try:
+        with open(f"/proc/self/task/{tid}/wchan") as f:
+            return "lock_inode_wait" in f.read()  # blocked in flock(2)
+    except FileNotFoundError:
+        return False
+
+
+def test_a_restore_never_brings_back_a_cage_being_torn_down(
+    node, cage_config, job_id, monkeypatch
+):
+    """A reaper (the firewall-reload hook) that looks while an owner is between
+    removing its cage's rules and its netns must not put the rules back: they would
+    then belong to no cage and no lease, ever."""
+    config = cage_config.replace(campus_networks=(world_mod.CAMPUS_NETWORK,))
+    cage = JobCage(job_id, network=True, config=config).create()
+    real_remove = netns_mod.remove
+    restorer: dict = {}
+
+    def remove(name: str) -> None:
+        # The cage's rules are gone now, its netns not yet: a reaper looks.
+        thread = threading.Thread(target=lambda: restorer.update(result=restore_lost(config)))
+        thread.start()
+        restorer["thread"] = thread
+        wait_until(
+            lambda: not thread.is_alive() or _waiting_for_a_lock(thread.native_id),
+            "the reaper to look, or to wait for the teardown",
+        )
+        real_remove(name)
+
+    monkeypatch.setattr(netns_mod, "remove", remove)
+    cage.destroy()
+    restorer["thread"].join(timeout=30)
+    assert restorer["result"] == ([], [])  # nothing put back; the node fixture checks

@@ -391,6 +391,27 @@ def test_a_job_in_an_ipv6_only_world_reaches_the_internet(tmp_path, job_id):
     assert not world.leftovers()
 
 
+def test_jobcage_spawn_bills_ipv6_against_ipv6_campus_networks(
+    node, cage_config, net_config, job_id
+):
+    """Through the public API: campus_networks of both families (failed before: JobCage
+    refused an IPv6 campus network), the usage record's IPv6 share."""
+    from jobcage import JobCage
+
+    config = cage_config.replace(
+        campus_networks=net_config.campus_networks, ipv6="nat", ipv6_pool=world_mod.POOL6
+    )
+    with JobCage(job_id, network=True, config=config) as cage:
+        argv = [sys.executable, world_mod.CLIENT, "get", CAMPUS_HOST6, PORT, str(MiB)]
+        out, _ = cage.spawn(argv, stdout=subprocess.PIPE).communicate(timeout=60)
+        assert out.decode().strip() == str(MiB)
+    usage = cage.final_usage
+    assert usage is not None
+    assert_data(usage.net_lan_rx_bytes, MiB, "lan rx")
+    assert usage.net_ipv6_lan_rx_bytes == usage.net_lan_rx_bytes
+    assert usage.net_ipv6_wan_rx_bytes == 0
+
+
 def test_a_flush_puts_both_families_rules_back(make_cage, networld):
     """`nft flush ruleset` takes ip6 jobcage too: usage() puts both back (one gap), and
     IPv6 is isolated and counted again (see tests/test_network_flush.py)."""

@@ -143,6 +143,7 @@ def test_each_task_of_a_step_gets_its_cage_the_jobs_memory_and_a_record(slurm, s
     for cage_id, record in found.items():
         assert record["job_id"] == cage_id and record["exit_status"] == 0
         assert record["usage"]["memory_limit_bytes"] == 200 << 20  # SLURM_MEM_PER_NODE
+        assert record["usage"]["cpu_limit_cpus"] == 1.0  # a CPU per task
     # cgroup_parent is set, yet each cage sits inside Slurm's task cgroup (its limit).
     memory_lines = [line for line in job_output(site, job).splitlines() if ":memory:" in line]
     assert len(memory_lines) == 2

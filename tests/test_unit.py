@@ -175,7 +175,18 @@ def test_usage_json_keeps_none_and_units():
     assert Usage.from_dict(data) == u
     assert all(
         name.split("_")[-1]
-        in {"seconds", "bytes", "kills", "packets", "killed", "surviving", "gaps", "unix"}
+        in {
+            "seconds",
+            "bytes",
+            "kills",
+            "packets",
+            "killed",
+            "surviving",
+            "gaps",
+            "unix",
+            "cpus",
+            "periods",
+        }
         for name in data
     )
     table = u.to_table()

@@ -142,7 +142,14 @@ class CgroupBackend:
 
     version: int
 
-    def create(self, name: str, *, memory_limit: int | None, pids_limit: int | None) -> CageCgroup:
+    def create(
+        self,
+        name: str,
+        *,
+        memory_limit: int | None,
+        pids_limit: int | None,
+        cpu_limit: float | None = None,
+    ) -> CageCgroup:
         raise NotImplementedError
 
     def open(self, paths: dict[str, str]) -> CageCgroup:

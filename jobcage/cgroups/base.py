@@ -41,6 +41,20 @@ class CgroupStats:
     oom_kills: int | None = None
     io_read_bytes: int | None = None
     io_write_bytes: int | None = None
+    cpu_limit_cpus: float | None = None
+    cpu_periods: int | None = None
+    cpu_throttled_periods: int | None = None
+    cpu_throttled_seconds: float | None = None
+
+
+# The CFS period a CPU limit is written with (the kernel's default, 100 ms).
+CPU_PERIOD_US = 100_000
+# The kernel refuses a quota under 1 ms.
+CPU_MIN_QUOTA_US = 1000
+
+
+def cpu_quota_us(cpus: float) -> int:
+    return max(CPU_MIN_QUOTA_US, round(cpus * CPU_PERIOD_US))
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,12 @@ from ..config import Config
 from ..errors import KernelFeatureError
 from . import CgroupBackend, Hierarchies, parent_path
 from .base import (
+    CPU_PERIOD_US,
     FREEZE_TIMEOUT_SECONDS,
     GONE_ERRNOS,
     CageCgroup,
     CgroupStats,
+    cpu_quota_us,
     mkdir_under_parent,
     read_file,
     read_int,
@@ -35,6 +37,7 @@ from .base import (
 )
 
 REQUIRED = ("freezer",)
+_KERNEL_OPTION = {"memory": "MEMCG", "pids": "CGROUP_PIDS", "cpu": "CFS_BANDWIDTH"}
 
 
 def _memory(path: str) -> MemoryController:
@@ -62,33 +65,48 @@ class CgroupV1Backend(CgroupBackend):
             for c in hierarchies.v1_mounts
         }
 
-    def _controllers(self, memory_limit: int | None, pids_limit: int | None) -> list[str]:
+    def _controllers(
+        self, memory_limit: int | None, pids_limit: int | None, cpu_limit: float | None
+    ) -> list[str]:
         wanted = list(dict.fromkeys(self.config.cgroup_controllers))
         if pids_limit is not None and "pids" not in wanted:
             wanted.append("pids")
+        if cpu_limit is not None and "cpu" not in wanted:
+            wanted.append("cpu")
         needed = (
             {"freezer"}
             | ({"memory"} if memory_limit else set())
             | ({"pids"} if pids_limit is not None else set())
+            | ({"cpu"} if cpu_limit is not None else set())
         )
         for c in needed:
             if c not in self.h.v1_mounts:
                 raise KernelFeatureError(
                     f"a limit needs the cgroup v1 {c} controller, which is not mounted on "
                     f"this node: mount it on /sys/fs/cgroup/{c} (kernel option "
-                    f"CONFIG_{'MEMCG' if c == 'memory' else 'CGROUP_PIDS'})"
+                    f"CONFIG_{_KERNEL_OPTION.get(c, 'CGROUP_PIDS')})"
                 )
         return [c for c in wanted if c in self.h.v1_mounts]
 
-    def create(self, name: str, *, memory_limit: int | None, pids_limit: int | None) -> V1Cgroup:
+    def create(
+        self,
+        name: str,
+        *,
+        memory_limit: int | None,
+        pids_limit: int | None,
+        cpu_limit: float | None = None,
+    ) -> V1Cgroup:
         made: dict[str, str] = {}
         try:
-            for c in self._controllers(memory_limit, pids_limit):
+            for c in self._controllers(memory_limit, pids_limit, cpu_limit):
                 path = os.path.join(self._parents[c], name)
-                mkdir_under_parent(self._parents[c], path)
+                if path not in made.values():  # cpu and cpuacct are often co-mounted
+                    mkdir_under_parent(self._parents[c], path)
                 made[c] = path
             cg = V1Cgroup(made)
             cg.set_limits(memory_limit, pids_limit)
+            if cpu_limit is not None:
+                cg.set_cpu_limit(cpu_limit)
             return cg
         except BaseException:
             for path in made.values():
@@ -99,7 +117,7 @@ class CgroupV1Backend(CgroupBackend):
         return V1Cgroup({c: p for c, p in paths.items() if os.path.isdir(p)})
 
     def paths_for(self, name: str) -> dict[str, str]:
-        wanted = (*self.config.cgroup_controllers, "pids")
+        wanted = (*self.config.cgroup_controllers, "pids", "cpu")
         return {c: os.path.join(self._parents[c], name) for c in wanted if c in self._parents}
 
     def remove_parent_if_empty(self) -> None:
@@ -133,6 +151,18 @@ class V1Cgroup(CageCgroup):
                 mem.memsw_limit_in_bytes = memory_limit
         if pids_limit is not None:
             write_file(os.path.join(self.paths["pids"], "pids.max"), str(pids_limit))
+
+    def set_cpu_limit(self, cpu_limit: float) -> None:
+        """CFS bandwidth: ``cpu_limit`` CPUs' worth of run time per period."""
+        cpu = self.paths["cpu"]
+        try:
+            write_file(os.path.join(cpu, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+            write_file(os.path.join(cpu, "cpu.cfs_quota_us"), str(cpu_quota_us(cpu_limit)))
+        except FileNotFoundError:
+            raise KernelFeatureError(
+                "a CPU limit needs CFS bandwidth control (cpu.cfs_quota_us), which this "
+                "kernel lacks: build it with CONFIG_CFS_BANDWIDTH or drop the CPU limit"
+            ) from None
 
     def join_files(self) -> list[str]:
         return [os.path.join(p, "cgroup.procs") for p in self.paths.values()]
@@ -180,7 +210,25 @@ class V1Cgroup(CageCgroup):
             ooms = mem.oom_control.get("oom_kill")
         if "blkio" in self.paths:
             rd, wr = _blkio_bytes(self.paths["blkio"])
-        return CgroupStats(user, system, peak, limit, ooms, rd, wr)
+        return CgroupStats(user, system, peak, limit, ooms, rd, wr, **self._cpu_stats())
+
+    def _cpu_stats(self) -> dict[str, float | int | None]:
+        """The CPU limit and its throttling, from the cpu controller (v1 names)."""
+        if "cpu" not in self.paths:
+            return {}
+        quota = read_int(os.path.join(self.paths["cpu"], "cpu.cfs_quota_us"))
+        period = read_int(os.path.join(self.paths["cpu"], "cpu.cfs_period_us"))
+        try:
+            stat = _keyed(read_file(os.path.join(self.paths["cpu"], "cpu.stat")))
+        except FileNotFoundError:
+            stat = {}
+        throttled = stat.get("throttled_time")
+        return {
+            "cpu_limit_cpus": quota / period if quota and quota > 0 and period else None,
+            "cpu_periods": stat.get("nr_periods"),
+            "cpu_throttled_periods": stat.get("nr_throttled"),
+            "cpu_throttled_seconds": throttled / 1e9 if throttled is not None else None,
+        }
 
     def remove(self) -> None:
         errors = []

@@ -19,10 +19,12 @@ from ..config import Config
 from ..errors import KernelFeatureError
 from . import CgroupBackend, Hierarchies, parent_path
 from .base import (
+    CPU_PERIOD_US,
     FREEZE_TIMEOUT_SECONDS,
     GONE_ERRNOS,
     CageCgroup,
     CgroupStats,
+    cpu_quota_us,
     mkdir_under_parent,
     read_file,
     read_int,
@@ -121,12 +123,21 @@ class CgroupV2Backend(CgroupBackend):
 
     # -- cages -----------------------------------------------------------------------
 
-    def create(self, name: str, *, memory_limit: int | None, pids_limit: int | None) -> V2Cgroup:
+    def create(
+        self,
+        name: str,
+        *,
+        memory_limit: int | None,
+        pids_limit: int | None,
+        cpu_limit: float | None = None,
+    ) -> V2Cgroup:
         path = os.path.join(self.parent, name)
         mkdir_under_parent(self.parent, path, ensure_parent=self._prepare_parent)
         try:
             cg = V2Cgroup({"unified": path})
             cg.set_limits(memory_limit, pids_limit)
+            if cpu_limit is not None:
+                cg.set_cpu_limit(cpu_limit)
             return cg
         except BaseException:
             rmdir_tree(path)
@@ -167,6 +178,11 @@ class V2Cgroup(CageCgroup):
                 write_file(self._file("memory.swap.max"), "0")
         if pids_limit is not None:
             self._write_controller_file("pids.max", str(pids_limit), "pids")
+
+    def set_cpu_limit(self, cpu_limit: float) -> None:
+        """cpu.max: ``cpu_limit`` CPUs' worth of run time per period."""
+        quota = f"{cpu_quota_us(cpu_limit)} {CPU_PERIOD_US}"
+        self._write_controller_file("cpu.max", quota, "cpu")
 
     def _write_controller_file(self, name: str, value: str, controller: str) -> None:
         try:
@@ -246,7 +262,24 @@ class V2Cgroup(CageCgroup):
                 fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
                 rd += int(fields.get("rbytes", 0))
                 wr += int(fields.get("wbytes", 0))
-        return CgroupStats(user, system, peak, limit, ooms, rd, wr)
+        limit_cpus = None
+        cpu_max = read_file(self._file("cpu.max")).split() if "nr_periods" in cpu else []
+        if len(cpu_max) == 2 and cpu_max[0] != "max":
+            limit_cpus = int(cpu_max[0]) / int(cpu_max[1])
+        throttled = cpu.get("throttled_usec")
+        return CgroupStats(
+            user,
+            system,
+            peak,
+            limit,
+            ooms,
+            rd,
+            wr,
+            cpu_limit_cpus=limit_cpus,
+            cpu_periods=cpu.get("nr_periods"),
+            cpu_throttled_periods=cpu.get("nr_throttled"),
+            cpu_throttled_seconds=throttled / 1e6 if throttled is not None else None,
+        )
 
     def remove(self) -> None:
         rmdir_tree(self.path)

@@ -8,6 +8,7 @@ undoes what it built if any step fails. ``destroy`` reads the final counters fir
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import time
@@ -316,11 +317,18 @@ class NetworkCage:
             lambda: resolv.remove_resolv_conf(self.netns_name) if remove_resolv else None,
             lambda: GapStore(self.state_dir).remove(self.job_id),
         ]
-        for step in steps:
+        with contextlib.ExitStack() as held:
             try:
-                step()
-            except (JobCageError, OSError) as e:
+                # A restore (another process noticing a flush) must not put back the
+                # rules of a cage being torn down: it checks the netns under this lock.
+                held.enter_context(GapStore(self.state_dir).locked())
+            except JobCageError as e:
                 errors.append(e)
+            for step in steps:
+                try:
+                    step()
+                except (JobCageError, OSError) as e:
+                    errors.append(e)
         return errors
 
     # -- the record ------------------------------------------------------------------

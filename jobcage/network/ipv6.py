@@ -368,7 +368,7 @@ def report(config: Config) -> tuple[str, str]:
 
     try:
         backend = resolve_firewall(config.firewall)
-        found = settings(config, (), backend)
+        found = settings(config, split_campus(config.campus_networks)[1], backend)
     except (ConfigError, NetworkError) as e:
         return "FAIL", str(e)
     if found is None:

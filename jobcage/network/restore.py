@@ -97,6 +97,8 @@ def restore_cage_rules(cage: NetworkCage, uplink: Callable[[], str]) -> bool:
         parts.append((ipv6.firewall(), cage.plan6, cage.ipv6.pool, uplink6))
     gaps = GapStore(cage.state_dir)
     with gaps.locked():
+        if not os.path.exists(cage.netns_path):
+            return False  # torn down meanwhile (teardown holds this lock)
         gone = [part for part in parts if _gone(*part[:2])]
         if not gone:
             return False  # another process put them back meanwhile

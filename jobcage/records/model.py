@@ -123,6 +123,7 @@ class CageRecord:
     network: NetworkPart | None = None
     memory_limit_bytes: int | None = None
     pids_limit: int | None = None
+    cpu_limit: float | None = None
     cgroup_parent: str | None = None
     final_usage: Usage | None = None
     # The owner a reaper took the record over from.
@@ -149,7 +150,11 @@ class CageRecord:
             "state": self.state.value,
             "cgroup": self.cgroup.to_dict() if self.cgroup else None,
             "network": self.network.to_dict(self.job_id, state_dir) if self.network else None,
-            "limits": {"memory_bytes": self.memory_limit_bytes, "pids": self.pids_limit},
+            "limits": {
+                "memory_bytes": self.memory_limit_bytes,
+                "pids": self.pids_limit,
+                "cpus": self.cpu_limit,
+            },
             "config": {"cgroup_parent": self.cgroup_parent},
         }
         optional = {
@@ -224,6 +229,7 @@ def parse_record(data: object, file_job_id: str) -> CageRecord:
         network=network_part(data.get("network"), job_id),
         memory_limit_bytes=_int(limits.get("memory_bytes"), "limits.memory_bytes"),
         pids_limit=_int(limits.get("pids"), "limits.pids"),
+        cpu_limit=_number(limits.get("cpus"), "limits.cpus"),
         cgroup_parent=_str(config.get("cgroup_parent"), "config.cgroup_parent"),
         final_usage=None if usage is None else _usage(usage),
         reaped_from=None

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-from .networld import NetWorld, tcp_listening, wait_until
+from .networld import NetWorld, wait_until
 
 PORT = 3128
 WAIT_SECONDS = 30.0
@@ -96,6 +96,8 @@ class Squid:
         assert self.process is not None
         if self.process.poll() is not None:
             raise RuntimeError(f"squid exited at start: {self.process.stderr.read()}{self.log()}")
+        from .networld import tcp_listening
+
         return tcp_listening(self.process.pid, PORT)
 
     def stop(self) -> None:

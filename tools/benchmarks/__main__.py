@@ -14,7 +14,7 @@ import time
 
 from . import common, kill, lifecycle
 
-SECTIONS = ("lifecycle", "kill", "network")
+SECTIONS = ("lifecycle", "kill", "network", "ipv6")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         result["network"] = netbench.run(
             quick=args.quick, firewalls=tuple(args.firewall or netbench.FIREWALLS)
         )
+    if "ipv6" in sections:
+        from . import ipv6, world
+
+        result["netns_suffix"] = world.RUN_SUFFIX
+        with world.node("nftables", ipv6=True) as node:
+            result["ipv6"] = ipv6.run(node, quick=args.quick)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
@@ -111,6 +117,10 @@ def markdown(result: dict) -> str:
         for firewall, figures in result["network"].items():
             lines += [f"### Network sections, firewall = {firewall}", ""]
             lines += network_markdown(figures)
+    if "ipv6" in result:
+        from .ipv6 import markdown as ipv6_markdown
+
+        lines += ipv6_markdown(result["ipv6"])
     return "\n".join(lines)
 
 

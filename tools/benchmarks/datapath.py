@@ -160,14 +160,17 @@ def accuracy(cage_path: str, counters, seconds: int, http_bytes: int) -> list[di
         payload = fn()
         after = counters()
         field = f"net_{cls}_bytes"
-        counted = getattr(after, field) - getattr(before, field)
         rows.append(
-            {
-                "tool": tool,
-                "class": cls,
-                "payload_bytes": payload,
-                "counted_bytes": counted,
-                "counted_vs_payload": round(counted / payload, 5) if payload else None,
-            }
+            accuracy_row(tool, cls, payload, getattr(after, field) - getattr(before, field))
         )
     return rows
+
+
+def accuracy_row(tool: str, cls: str, payload: int, counted: int) -> dict:
+    return {
+        "tool": tool,
+        "class": cls,
+        "payload_bytes": payload,
+        "counted_bytes": counted,
+        "counted_vs_payload": round(counted / payload, 5) if payload else None,
+    }

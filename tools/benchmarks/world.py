@@ -41,20 +41,24 @@ class Node:
 
 
 @contextlib.contextmanager
-def node(firewall: str = "auto") -> Iterator[Node]:
+def node(firewall: str = "auto", ipv6: bool = False) -> Iterator[Node]:
     """Build the world, run the calling thread in its node, tear it all down after,
-    even on failure: cages' and floor namespaces with our tag, the world, the state."""
+    even on failure: cages' and floor namespaces with our tag, the world, the state.
+    ``ipv6``: a dual-stack world, and cages dual-stack (NAT66) by the config."""
     hooks.before_change = networld.guard
     state = tempfile.mkdtemp(prefix="jobcage-bench-")
     suffix = f"{RUN_SUFFIX}{next(_worlds)}"
+    campus = (networld.CAMPUS_NETWORK, networld.CAMPUS_NETWORK6)
     config = Config(
         state_dir=state,
-        campus_networks=(networld.CAMPUS_NETWORK,),
+        campus_networks=campus if ipv6 else campus[:1],
         address_pool=networld.POOL,
         cgroup_parent=f"/jobcage-bench-{suffix}",
         firewall=firewall,
+        ipv6="nat" if ipv6 else "off",
+        ipv6_pool=networld.POOL6,
     )
-    world = NetWorld(suffix=suffix).build()
+    world = NetWorld(suffix=suffix, ipv6=ipv6).build()
     tag = f"b{suffix}"
     try:
         with world.node_thread():
