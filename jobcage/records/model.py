@@ -63,11 +63,12 @@ class NetworkPart:
     host_veth: str
     address: str
     host_address: str
+    # The lease reap releases (checked against the job id by the lease store) and its pool.
     lease_index: int
     pool: str
+    firewall: str
     campus_networks: tuple[str, ...]
     allow_node_access: bool
-    firewall: str
     resolv_conf_path: str | None = None
     # Informational (where an administrator finds the rules); never acted on.
     chains: Mapping[str, Any] = field(default_factory=dict)

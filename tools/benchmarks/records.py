@@ -14,26 +14,22 @@ import tempfile
 import time
 
 from jobcage.ids import netns_name, veth_names
-from jobcage.records import CgroupPart, StateStore, parse_record
-from jobcage.records.model import network_part
+from jobcage.records import CgroupPart, NetworkPart, StateStore, parse_record
 
 JOB = "1234.0"
 
 
 def _record(store: StateStore):
-    network = network_part(
-        {
-            "netns_name": netns_name(JOB),
-            "host_veth": veth_names(JOB)[0],
-            "address": "100.64.0.2/30",
-            "host_address": "100.64.0.1/30",
-            "lease_index": 0,
-            "pool": "100.64.0.0/16",
-            "campus_networks": ["192.0.2.0/24"],
-            "allow_node_access": False,
-            "firewall": "nftables",
-        },
-        JOB,
+    network = NetworkPart(
+        netns_name(JOB),
+        veth_names(JOB)[0],
+        address="100.64.0.6/30",
+        host_address="100.64.0.5/30",
+        lease_index=1,
+        pool="100.64.0.0/16",
+        campus_networks=("192.0.2.0/24", "198.51.100.0/24"),
+        allow_node_access=True,
+        firewall="iptables-legacy",
     )
     paths = {c: f"/sys/fs/cgroup/{c}/jobcage/{JOB}" for c in ("freezer", "memory", "cpuacct")}
     return store.new_record(JOB, cgroup=CgroupPart(1, paths), network=network)
