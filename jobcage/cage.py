@@ -41,6 +41,7 @@ from .usage import Usage
 
 if TYPE_CHECKING:
     from .network import NetworkCage
+    from .watch import Watcher, WatchSettings
 
 _File = int | IO[Any] | None
 
@@ -64,6 +65,7 @@ class JobCage:
         network: bool = False,
         campus_networks: Sequence[str] | None = None,
         config: Config | None = None,
+        watch: bool = False,
     ) -> None:
         self.job_id = validate_job_id(job_id)
         self.config = config if config is not None else load_config()
@@ -85,6 +87,15 @@ class JobCage:
             raise ConfigError(
                 f"bad campus network: {e}; give CIDRs such as 129.93.0.0/16 or 2001:db8::/32"
             ) from None
+        # Checked now: a bad watch_* value is an error before anything is built. The
+        # import waits until a watcher is asked for: `jobcage run` starts without it.
+        self._watch_settings: WatchSettings | None = None
+        if watch:
+            from .watch import WatchSettings
+
+            self._watch_settings = WatchSettings.from_config(self.config)
+        self._watcher: Watcher | None = None
+        self._watch_summary: dict[str, Any] | None = None
         self.final_usage: Usage | None = None
         self._state = State.NEW
         self._store = StateStore(self.config.state_dir)
@@ -170,6 +181,12 @@ class JobCage:
 
                 self._net = NetworkCage.create(self.job_id, self.config, self.campus_networks)
                 record = record.replace(network=network_part(self._net.to_record(), self.job_id))
+            if self._watch_settings is not None:
+                from .watch import acquire
+
+                # Before any job process exists: its first fork is seen.
+                self._watcher = acquire(self._watch_settings)
+                self._watcher.watch_cage(self.job_id, self._cgroup.paths, owner_pid=os.getpid())
             record = record.replace(state=RecordState.BUILT)
             self._store.save(record)
             self._record = record
@@ -182,6 +199,8 @@ class JobCage:
 
     def _rollback(self) -> None:
         errors: list[BaseException] = []
+        if self._watcher is not None:
+            _collect(errors, self._stop_watching)
         if self._net is not None:
             _collect(errors, self._net.destroy)
         if self._cgroup is not None:
@@ -213,7 +232,7 @@ class JobCage:
     ) -> subprocess.Popen:
         """Start ``argv`` inside every cgroup and the netns before it execs."""
         cgroup = self._require_built("spawn")
-        return _spawn(
+        proc = _spawn(
             argv,
             join_files=cgroup.join_files(),
             netns_path=self._net.netns_path if self._net else None,
@@ -225,6 +244,9 @@ class JobCage:
             stdout=stdout,
             stderr=stderr,
         )
+        if self._watcher is not None:
+            self._watcher.claim(self.job_id, proc.pid)
+        return proc
 
     def attach(self, pid: int) -> None:
         """Move a running process, and so its future children, into the cgroups.
@@ -242,6 +264,8 @@ class JobCage:
             cgroup.add_pid(pid)
         except ProcessLookupError:  # ESRCH from cgroup.procs
             raise JobCageError(f"cannot attach pid {pid}: no such process") from None
+        if self._watcher is not None:
+            self._watcher.sync(self.job_id)  # its future forks are counted from here
 
     def pids(self) -> set[int]:
         return self._require_built("list pids").pids()
@@ -278,6 +302,10 @@ class JobCage:
         fields: dict[str, Any] = dataclasses.asdict(stats)
         if net is not None:
             fields.update(dataclasses.asdict(net))
+        if self._watch_summary is not None:
+            fields.update(self._watch_summary)
+        elif self._watcher is not None:
+            fields.update(self._watcher.live_summary(self.job_id) or {})
         return Usage(
             wall_seconds=round(end - self._started, 6) if self._started else None,
             processes_killed=self._killed,
@@ -304,6 +332,8 @@ class JobCage:
         errors: list[BaseException] = []
         _collect(errors, self.kill)
         self._ended = time.monotonic()
+        if self._watcher is not None:
+            _collect(errors, self._stop_watching)
         stats_usage = _collect(errors, self._usage, cgroup, None)
         net_counters = None
         if self._net is not None and self._surviving:
@@ -357,6 +387,18 @@ class JobCage:
         # Only a hint for reap: teardown goes on even where the state dir is full.
         with contextlib.suppress(JobCageError):
             self._store.save(self._record)
+
+    def _stop_watching(self) -> None:
+        """The watcher's final figures for this cage, every queued event applied."""
+        from .watch import release
+
+        watcher, self._watcher = self._watcher, None
+        if watcher is None:
+            return
+        try:
+            self._watch_summary = watcher.unwatch(self.job_id, owner_pid=os.getpid())
+        finally:
+            release(watcher)
 
 
 def _collect(errors: list[BaseException], fn, *args):

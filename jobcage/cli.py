@@ -30,6 +30,7 @@ from .errors import (
     SpawnError,
 )
 from .usage import human_bytes
+from .watch import command as watch_command
 
 # Exit codes of every command but `run` (documented in docs/admin-guide.md).
 EXIT_OK = 0
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_arguments(
         add("fetch", "fetch a job input through the site's squid first, then directly")
     )
+    watch_command.add_arguments(add("watch", watch_command.HELP))
     return parser
 
 
@@ -447,12 +449,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if is_ready else EXIT_FAILED
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    return watch_command.command(args, lambda: _config(args))
+
+
 COMMANDS = {
     "run": cmd_run,
     "list": cmd_list,
     "stats": cmd_stats,
     "kill": cmd_kill,
     "reap": cmd_reap,
+    "watch": cmd_watch,
     "doctor": cmd_doctor,
     "fetch": fetch.command,
 }

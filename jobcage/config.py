@@ -61,6 +61,25 @@ class Config:
     ipv6: str = "auto"
     # The cages' IPv6 prefixes, a /64 each; None: DEFAULT_IPV6_POOL (not in routed mode).
     ipv6_pool: str | None = None
+    # The proc-connector watcher (docs/watch.md). What each detection does: log, kill
+    # or ignore. Police: a non-root process leaving a batch daemon's tree (no cgroups).
+    watch_escape_action: str = "kill"
+    watch_privilege_action: str = "log"
+    watch_daemonize_action: str = "log"
+    watch_fork_rate_action: str = "log"
+    watch_police_action: str = "kill"
+    # Forks a second of one cage above which fork_rate is reported.
+    watch_fork_rate: float = 5000.0
+    # The event socket's receive buffer (SO_RCVBUFFORCE); a fork storm needs megabytes.
+    watch_buffer_size: str | int = "32M"
+    # Seconds between checks of every cage against its cgroups (how late a quiet
+    # escape is seen; an exec is checked at once).
+    watch_sweep_seconds: float = 0.1
+    # `jobcage watch`: JSON lines to this file (None: stdout); Prometheus metrics on
+    # this host:port (None: off); executable names of per-job daemons to police.
+    watch_log: str | None = None
+    watch_metrics_address: str | None = None
+    watch_police_daemons: tuple[str, ...] = ()
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)
@@ -146,8 +165,12 @@ def _coerce(name: str, value: object, where: str) -> object:
             if isinstance(value, bool) or int(value) <= 0:  # type: ignore[call-overload]
                 raise TypeError("a positive integer")
             return int(value)  # type: ignore[call-overload]
-        if name == "memory_limit":
+        if name in ("memory_limit", "watch_buffer_size"):
             parse_size(value)  # type: ignore[arg-type]
+            return value
+        if name.startswith("watch_") and name.endswith("_action"):
+            if value not in ("log", "kill", "ignore"):
+                raise TypeError("log, kill or ignore")
             return value
         if name == "firewall":
             if str(value) not in FIREWALLS:

@@ -61,6 +61,14 @@ class Usage:
     net_ipv6_lan_tx_packets: int | None = None
     net_ipv6_wan_rx_packets: int | None = None
     net_ipv6_wan_tx_packets: int | None = None
+    # From the proc-connector watcher (docs/watch.md); all None when no watcher ran.
+    # events_lost counts what the kernel dropped while the cage was watched (the
+    # three counts are then lower bounds); detections are the watcher's JSON records.
+    processes_started: int | None = None
+    execs: int | None = None
+    max_processes: int | None = None
+    events_lost: int | None = None
+    detections: tuple[dict[str, Any], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,7 +79,10 @@ class Usage:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Usage:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        if isinstance(fields.get("detections"), list):
+            fields["detections"] = tuple(fields["detections"])
+        return cls(**fields)
 
     def to_table(self) -> str:
         """A human summary, one line per figure, units scaled for reading."""
@@ -86,6 +97,8 @@ class Usage:
 def _human(name: str, value: Any) -> str:
     if value is None:
         return "n/a"
+    if name == "detections":
+        return ", ".join(f"{d.get('kind')} pid {d.get('pid')}" for d in value) or "none"
     if name.endswith("_bytes"):
         return human_bytes(value)
     if name.endswith("_seconds"):

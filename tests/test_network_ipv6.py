@@ -425,3 +425,23 @@ def test_a_flush_puts_both_families_rules_back(make_cage, networld):
     assert got == str(MiB)
     c = a.counters()
     assert c.net_ipv6_wan_rx_bytes >= MiB and c.net_counts_gaps == 1
+
+
+def test_reap_puts_back_the_sysctls_a_killed_last_cage_left(node, net_config, job_id, monkeypatch):
+    """The owner of the node's last IPv6 cage dies between removing ip6 jobcage and
+    putting the sysctls back: reap does it (they stayed changed before)."""
+    from jobcage.reap import reap
+
+    cage = NetworkCage.create(job_id, net_config)
+    assert sysctl("net.ipv6.conf.all.forwarding") == "1"
+    with monkeypatch.context() as m:
+        m.setattr(ipv6, "restore", lambda state_dir: False)  # the owner is killed here
+        cage.destroy()
+    assert sysctl("net.ipv6.conf.all.forwarding") == "1"
+    assert [o.kind for o in find_orphans(net_config)] == ["sysctls"]
+    report = reap(net_config)
+    assert not report.errors
+    assert any("sysctls ipv6-sysctls" in c.removed for c in report.cages)
+    assert sysctl("net.ipv6.conf.all.forwarding") == "0"
+    assert sysctl("net.ipv6.conf.eth0.accept_ra") == "1"
+    assert find_orphans(net_config) == []

@@ -187,6 +187,7 @@ def test_usage_json_keeps_none_and_units():
             "cpus",
             "periods",
         }
+        | {"started", "execs", "processes", "lost", "detections"}  # the watcher's counts
         for name in data
     )
     table = u.to_table()

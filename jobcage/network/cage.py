@@ -388,7 +388,8 @@ class NetworkCage:
         except (KeyError, TypeError, ValueError) as e:
             raise NetworkError(
                 f"the network part of a cage record is unreadable ({e!r}); remove the cage "
-                "by hand: `ip netns del jobcage-<id>` and its JC-<hash>-* iptables chains"
+                "by hand: `ip netns del jobcage-<id>` and its JC-<hash>-* rules (the counters "
+                "of `nft list table ip jobcage`, or the chains of `iptables-legacy-save`)"
             ) from None
 
 
@@ -493,6 +494,9 @@ def find_orphans(config: Config) -> list[Orphan]:
         for i, job in sorted(held.items())
         if job not in known_jobs
     ]
+    if ipv6_mod.settings_left(config.state_dir):
+        # IPv6 sysctls whose last cage is gone (its owner killed before it put them back).
+        orphans.append(Orphan("sysctls", ipv6_mod.SAVED_NAME))
     return orphans
 
 
@@ -514,6 +518,8 @@ def remove_orphan(orphan: Orphan, config: Config) -> None:
             # The node's last IPv6 cage was a dead owner's: its sysctls go back too.
             with ipv6_mod.locked(config.state_dir):
                 ipv6_mod.restore(config.state_dir)
+    elif orphan.kind == "sysctls":
+        ipv6_mod.restore_if_unused(config.state_dir)
     elif orphan.kind == "lease":
         store = LeaseStore(config.state_dir, AddressPool(config.address_pool))
         job_id = store.held().get(int(orphan.name))

@@ -357,6 +357,31 @@ def restore(state_dir: str) -> bool:
     return True
 
 
+def _no_ipv6_cages() -> bool:
+    """Whether ip6 jobcage is gone (its last cage took it along)."""
+    from ..netlink import nfchannel, nfnl
+    from .firewall.nftables_layout import TABLE
+
+    with nfnl.family(nfnl.NFPROTO_IPV6):
+        return nfchannel.table_use(TABLE) is None
+
+
+def settings_left(state_dir: str) -> bool:
+    """Saved IPv6 sysctls with no IPv6 cage left to put them back (for reap). Read-only."""
+    if not saved_settings(state_dir):
+        return False
+    try:
+        return _no_ipv6_cages()
+    except (core.NetlinkError, OSError):
+        return False
+
+
+def restore_if_unused(state_dir: str) -> bool:
+    """:func:`restore`, if no IPv6 cage came meanwhile (asked under the lock)."""
+    with locked(state_dir):
+        return _no_ipv6_cages() and restore(state_dir)
+
+
 def saved_settings(state_dir: str) -> dict[str, str]:
     """What a restore would write (for reap and doctor)."""
     return _saved(os.path.join(_dir(state_dir), SAVED_NAME))

@@ -12,15 +12,12 @@ Costs that shape it (measured on the development machine, kernel 6.18):
   with the node-side peer placed in the node's namespace in the same RTM_NEWLINK.
 * A netlink socket belongs to the netns of the thread that opened it: the helper thread
   opens one after unshare() for the cage's side, the caller one for the node's side.
-* pyroute2 cost ~1 ms per request and ~0.8 ms per ``IPRoute()`` open (its asyncio
-  loop): 7 requests and 2 opens per cage, ~5.5-6.7 ms for create+remove, plus ~110 ms
-  for the first in a process (importing pyroute2). Now the cage's side is one write of
-  five messages (veth, lo up, address, default route, and a RTM_GETLINK of ``eth0``
-  whose IFLA_LINK is the peer's index on the node: ~0.5 ms), and the node's side one
-  write of address + up (~0.1 ms): two round trips where tools/benchmarks/floor.py
-  makes three; create+remove ~1.6-1.9 ms against the floor's ~1.3-1.5 ms (the rest is
-  the IPv6 sysctls and /run/netns, which the floor skips). Why :mod:`~jobcage.netlink.rtnl` encodes
-  with ``struct`` and not pyroute2's message classes is in its docstring.
+* The cage's side is one write of five messages (veth, lo up, address, default route,
+  and a RTM_GETLINK of ``eth0`` whose IFLA_LINK is the peer's index on the node), the
+  node's side one write of address + up: two round trips, where pyroute2 took seven
+  requests and two socket opens (figures: docs/performance.md, "netns, veth, addresses
+  and route over raw rtnetlink"; why :mod:`~jobcage.netlink.rtnl` encodes with
+  ``struct`` is in its docstring).
 * Deleting a veth synchronously costs ~30 ms (RCU again); unmounting the netns returns
   at once and the kernel's cleanup_net work deletes both ends afterwards. Teardown
   does only that: traffic of a veth whose cage is gone is dropped by the fail-closed

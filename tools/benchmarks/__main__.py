@@ -14,7 +14,7 @@ import time
 
 from . import common, kill, lifecycle
 
-SECTIONS = ("lifecycle", "kill", "network", "ipv6")
+SECTIONS = ("lifecycle", "kill", "network", "ipv6", "watch")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if "kill" in sections:
         sizes = [100] if args.quick else [1000, 5000]
         result["kill"] = kill.run(sizes, runs=1 if args.quick else 3)
+    if "watch" in sections:
+        from . import watch
+
+        result["watch"] = watch.run(quick=args.quick)
     if "network" in sections:
         from . import netbench, world
 
@@ -111,6 +115,10 @@ def markdown(result: dict) -> str:
                 f"{ck.get('median_ms', 'n/a')} | {e.get('jobcage_vs_cgroup_kill', 'n/a')} |"
             )
         lines.append("")
+    if "watch" in result:
+        from .watch import markdown as watch_markdown
+
+        lines += watch_markdown(result["watch"])
     if "network" in result:
         from .netmarkdown import network_markdown
 

@@ -1,0 +1,292 @@
+"""The proc-connector watcher against the real kernel: real forks, execs, exits, escapes.
+
+The proc connector is node-wide and other test runs fork on this machine at the same
+time: every assertion is about our own cages' or our own processes' pids, never about
+the machine being quiet. Waits are on the kernel: a pid's exit (pidfd), an event the
+watcher has applied (bounded polls of its table), a line a job prints.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from jobcage import Config, JobCage
+from jobcage.errors import ConfigError, NotRootError
+from jobcage.watch import Policy, Watcher, WatchSettings
+from jobcage.watch.detect import record
+from jobcage.watch.table import Proc, ProcessTable, Tree
+
+from .conftest import unique
+
+NOBODY = 65534
+
+
+def wait_for(predicate, timeout: float = 10.0):
+    """Until the watcher has applied the event ``predicate`` looks for (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+def wait_exit(pid: int, timeout: float = 10.0) -> bool:
+    """Until ``pid`` is gone (its pidfd becomes readable); False on timeout."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def job(code: str) -> list[str]:
+    return ["/usr/bin/python3", "-c", textwrap.dedent(code)]  # the venv is not for nobody
+
+
+# -- pure logic -------------------------------------------------------------------------
+
+
+def test_table_fork_exit_and_orphans_without_kernel():
+    table = ProcessTable()
+    tree = table.add_tree(Tree("j1", cgroup_dirs={"freezer": "/x"}))
+    table.add(tree, Proc(10, 1, 1000))
+    assert table.fork(10, Proc(11, 10, None)) is tree
+    assert table.fork(11, Proc(12, 11, None)) is tree
+    assert table.fork(99, Proc(13, 99, None)) is None  # not watched
+    assert tree.processes_started == 3 and tree.max_processes == 3
+    assert table.get(12).uid == 1000  # inherited from the parent
+    gone, orphans = table.exit(11)
+    assert gone.pid == 11 and [p.pid for p in orphans] == [12]
+    assert table.fork(10, Proc(12, 10, None)) is tree  # already known: not counted twice
+    assert tree.processes_started == 3
+
+
+def test_policy_and_settings_reject_bad_values_by_name():
+    with pytest.raises(ConfigError, match="watch_escape_action = 'shoot'"):
+        Policy(escape="shoot")
+    with pytest.raises(ConfigError, match="watch_fork_rate"):
+        WatchSettings.from_config(Config(watch_fork_rate=-1.0))
+    with pytest.raises(ConfigError, match="watch_sweep_seconds"):
+        WatchSettings.from_config(Config(watch_sweep_seconds=0.0))
+    with pytest.raises(ConfigError, match=re.escape("watch_metrics_address = '0.0.0.0'")):
+        WatchSettings.from_config(Config(watch_metrics_address="0.0.0.0"))
+    with pytest.raises(ConfigError, match="watch_buffer_size"):
+        WatchSettings.from_config(Config(watch_buffer_size="12Q"))
+    settings = WatchSettings.from_config(Config(watch_metrics_address="127.0.0.1:0"))
+    assert settings.metrics_address == ("127.0.0.1", 0)
+    tree = Tree("j", cgroup_dirs={})
+    assert Policy().action("daemonize", tree, Proc(5, 1, 1000)) == "kill"  # police
+    assert Policy().action("daemonize", tree, Proc(5, 1, 0)) == "log"  # root: only logged
+    rec = record("escape", tree, Proc(5, 1, 0, exe="/bin/sh"), "kill", True)
+    assert {"job_id", "pid", "ppid", "uid", "exe"} <= rec.keys()
+
+
+def test_config_file_rejects_a_bad_action(tmp_path):
+    from jobcage.config import load_config
+
+    path = tmp_path / "jobcage.toml"
+    path.write_text('watch_daemonize_action = "nuke"\n')
+    with pytest.raises(ConfigError, match="watch_daemonize_action = 'nuke'"):
+        load_config(str(path), environ={})
+
+
+# -- the real kernel --------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_without_root_is_one_clear_error():
+    code = (
+        "import os\n"
+        "from jobcage.watch import EventSource\n"  # imported as root: nobody cannot read it
+        "os.setgid(65534); os.setuid(65534)\n"
+        "try:\n    EventSource()\nexcept Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.startswith(NotRootError.__name__), out
+    assert "root" in out.stdout and out.stderr == ""
+
+
+@pytest.mark.root
+def test_bad_watch_config_builds_nothing(cage_config):
+    bad = cage_config.replace(watch_escape_action="explode")
+    with pytest.raises(ConfigError, match="explode"):
+        JobCage(unique("w"), config=bad, watch=True)
+
+
+@pytest.mark.root
+def test_n_forks_are_seen_as_n_and_no_watcher_means_none(cage_config):
+    n = 200
+    with JobCage(unique("w"), config=cage_config, watch=True) as cage:
+        code = f"""
+            import os
+            for _ in range({n}):
+                if os.fork() == 0:
+                    os._exit(0)
+            while True:
+                try:
+                    os.wait()
+                except ChildProcessError:
+                    break
+        """
+        assert cage.spawn(job(code), user=NOBODY).wait() == 0
+    usage = cage.final_usage
+    assert usage.processes_started == n + 1  # the job and its n children
+    assert usage.execs == 1
+    assert usage.max_processes >= 2
+    assert usage.events_lost == 0 and usage.detections == ()
+    with JobCage(unique("w"), config=cage_config) as plain:
+        plain.spawn(["/bin/true"]).wait()
+    assert plain.final_usage.processes_started is None
+    assert plain.final_usage.events_lost is None and plain.final_usage.detections is None
+
+
+def _escape_job(cage: JobCage, then: str) -> list[str]:
+    targets = " ".join(
+        os.path.join(os.path.dirname(path), "cgroup.procs") for path in cage.cgroup_paths.values()
+    )
+    return ["/bin/sh", "-c", f"for f in {targets}; do echo $$ > $f; done; echo out; {then}"]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("then", ["exec sleep 60", "read x"], ids=["exec", "quiet"])
+def test_root_job_moving_out_of_its_cage_is_killed_and_recorded(cage_config, then):
+    with JobCage(unique("w"), config=cage_config, watch=True) as cage:
+        proc = cage.spawn(_escape_job(cage, then), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"out\n"
+        assert proc.pid not in cage.pids()  # really outside: the cage cannot kill it
+        assert proc.wait(timeout=10) == -9  # the watcher did
+        live = cage.usage()
+    escapes = [d for d in cage.final_usage.detections if d["kind"] == "escape"]
+    assert [d["pid"] for d in escapes] == [proc.pid]
+    assert escapes[0]["killed"] is True and escapes[0]["action"] == "kill"
+    assert escapes[0]["uid"] == 0 and escapes[0]["job_id"] == cage.job_id
+    assert live.detections == cage.final_usage.detections
+
+
+@pytest.mark.root
+def test_setsid_daemon_is_reported(cage_config):
+    code = """
+        import os, sys, time
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.close(w)
+                os.read(r, 1)  # the daemon: lives until the cage is killed
+                os._exit(0)
+            os._exit(0)
+        os.waitpid(child, 0)
+        print("detached", flush=True)
+        os.read(r, 1)
+    """
+    with JobCage(unique("w"), config=cage_config, watch=True, pids_limit=64) as cage:
+        proc = cage.spawn(job(code), user=NOBODY, stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"detached\n"
+        found = wait_for(lambda: cage.usage().detections)
+        assert len(cage.pids()) == 2  # the job and its daemon, both still caged
+    [daemon] = [d for d in found if d["kind"] == "daemonize"]
+    assert daemon["action"] == "log" and daemon["killed"] is False
+    assert daemon["uid"] == NOBODY and daemon["ppid"] != proc.pid
+    assert cage.final_usage.processes_started == 3
+
+
+@pytest.mark.root
+def test_overflow_is_reported_and_the_table_is_right_after_resync(cage_config):
+    code = """
+        import os
+        r, w = os.pipe()
+        for _ in range(100):  # these stay, to be found by the resync
+            if os.fork() == 0:
+                os.close(w)
+                os.read(r, 1)
+                os._exit(0)
+        for _ in range(3000):  # these flood the watcher's tiny buffer
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        print("flooded", flush=True)
+        os.read(r, 1)
+    """
+    job_id = unique("w")
+    watcher = Watcher(buffer_bytes=4096, sweep_seconds=3600)  # no sweep: only the resync
+    try:
+        with JobCage(job_id, config=cage_config, pids_limit=512) as cage:
+            tree = watcher.watch_cage(job_id, cage.cgroup_paths, owner_pid=os.getpid())
+            proc = cage.spawn(job(code), stdout=subprocess.PIPE)
+            assert proc.stdout.readline() == b"flooded\n"
+            watcher.process_pending()  # not started: nothing read until now
+            summary = watcher.summary(tree)
+            assert watcher.source.overflows > 0 and watcher.resyncs > 0
+            assert summary["events_lost"] > 0  # reported, never silent
+            assert set(tree.procs) == cage.pids()  # 101 processes, as the cgroup says
+            assert len(tree.procs) == 101
+    finally:
+        watcher.stop()
+
+
+STARTER = """#!/bin/sh
+# A stand-in for a batch system's per-job daemon: runs as root, starts the job as nobody.
+exec 3<&0
+setpriv --reuid=65534 --regid=65534 --clear-groups "$@" <&3 &
+echo "job $!"
+read x
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("by", ["pid", "name"])
+def test_police_mode_kills_a_job_process_daemonizing_out_of_the_starter(tmp_path, by):
+    name = "jc_starter_" + unique("")[:3]
+    starter = tmp_path / name
+    starter.write_text(STARTER)
+    starter.chmod(0o755)
+    double_fork = """
+        import os, sys, time
+        if os.fork() == 0:
+            os.setsid()
+            daemon = os.fork()
+            if daemon == 0:
+                time.sleep(60)
+                os._exit(0)
+            print(daemon, flush=True)  # its parent says: it is killed once orphaned
+            os._exit(0)
+        os.wait()
+        sys.stdin.read()
+    """
+    watcher = Watcher(police_names={name} if by == "name" else ()).start()
+    proc = subprocess.Popen(
+        [str(starter), *job(double_fork)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        if by == "pid":
+            assert watcher.watch_daemon(proc.pid) is not None
+        job_pid = int(proc.stdout.readline().split()[1])
+        if by == "name":
+            assert wait_for(lambda: job_pid in watcher.table.owner)
+        daemon = int(proc.stdout.readline())
+        assert wait_exit(daemon), "the daemonized job process outlived its tree"
+        [found] = [
+            d for t in watcher.table.trees.values() for d in t.detections if d["pid"] == daemon
+        ]
+        assert found["kind"] == "daemonize" and found["killed"] is True
+        assert found["uid"] == NOBODY and found["action"] == "kill"
+        assert os.path.exists(f"/proc/{job_pid}")  # the job itself was not touched
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+        watcher.stop()
