@@ -41,70 +41,7 @@ CHIRP_FIELDS = (
 CHIRP_TIMEOUT_SECONDS = 30.0
 
 
-# -- ClassAds ----------------------------------------------------------------------------
-
-
-def parse_classad(text: str) -> dict[str, Any]:
-    """Attributes of a ClassAd in the "old" ``Name = Value`` form HTCondor writes.
-
-    Names are case-insensitive in ClassAds, so keys are lowercased. Integers, reals,
-    booleans and string literals become Python values; any other expression is kept
-    as its text (evaluating it needs the classad module).
-    """
-    ad: dict[str, Any] = {}
-    for line in text.splitlines():
-        name, sep, value = line.partition("=")
-        name = name.strip()
-        if not sep or not name or name.startswith(("#", "[", "]")) or not name.isidentifier():
-            continue
-        ad[name.lower()] = _literal(value.strip())
-    return ad
-
-
-def _literal(text: str) -> Any:
-    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
-        body = text[1:-1]
-        if '"' not in body.replace('\\"', ""):
-            return body.replace('\\"', '"').replace("\\\\", "\\")
-        return text
-    lowered = text.lower()
-    if lowered in {"true", "false"}:
-        return lowered == "true"
-    with contextlib.suppress(ValueError):
-        return int(text)
-    with contextlib.suppress(ValueError):
-        return float(text)
-    return text
-
-
-def load_classad(path: str) -> dict[str, Any]:
-    """A job or machine ad from a file: through htcondor's classad module when present
-    (it evaluates expressions such as a RequestMemory that depends on MemoryUsage),
-    else through :func:`parse_classad`."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read the HTCondor ad {path}: {e.strerror}") from None
-    try:
-        import classad  # type: ignore[import-not-found]
-    except ImportError:
-        return parse_classad(text)
-    try:
-        ad = classad.parseOne(text, classad.Parser.Old)
-    except Exception:
-        return parse_classad(text)
-    out: dict[str, Any] = {}
-    for key in ad:
-        try:
-            value = ad.eval(key)
-        except Exception:
-            value = str(ad.lookup(key))
-        if isinstance(value, bool | int | float | str):
-            out[key.lower()] = value
-        else:
-            out[key.lower()] = str(value)
-    return out
+# -- HTCondor ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -116,14 +53,22 @@ class CondorJob:
     scratch_dir: str | None
     # The time HTCondor waits between its soft kill (SIGTERM) and SIGKILL.
     max_vacate_seconds: float | None
+    # RequestCpus: the CPU limit.
+    cpu_limit: float | None = None
 
 
 def condor_job(environ: Mapping[str, str] | None = None) -> CondorJob:
-    """Read the job ad named by ``$_CONDOR_JOB_AD``: ClusterId.ProcId, RequestMemory.
+    """Read the job ad named by ``$_CONDOR_JOB_AD``: ClusterId.ProcId, RequestMemory
+    (MiB), RequestCpus, JobMaxVacateTime.
 
-    RequestMemory is in MiB. When it is an expression the fallback parser cannot
-    evaluate, the slot's provisioned Memory from the machine ad is used instead.
+    The ad is evaluated with HTCondor's own ClassAd library (the ``condor`` extra),
+    since RequestMemory is often an expression, e.g. HTCondor's
+    ``ifThenElse(MemoryUsage =!= undefined, MemoryUsage, 2048)``: 2048 at the start of
+    a job. Only when it evaluates to no positive number is the slot's provisioned
+    Memory from ``$_CONDOR_MACHINE_AD`` used.
     """
+    from . import classads
+
     env = os.environ if environ is None else environ
     path = env.get("_CONDOR_JOB_AD")
     if not path:
@@ -131,27 +76,57 @@ def condor_job(environ: Mapping[str, str] | None = None) -> CondorJob:
             "--batch condor needs $_CONDOR_JOB_AD: run it as HTCondor's USER_JOB_WRAPPER "
             "(tools/condor-job-wrapper), or give --job-id instead"
         )
-    ad = load_classad(path)
-    cluster, proc = ad.get("clusterid"), ad.get("procid")
-    if not isinstance(cluster, int) or not isinstance(proc, int):
+    ad = _read_ad(path, classads)
+    cluster, proc = _evaluate(ad, "ClusterId", classads), _evaluate(ad, "ProcId", classads)
+    if not _is_int(cluster) or not _is_int(proc):
         raise ConfigError(
             f"the job ad {path} has no integer ClusterId and ProcId; give --job-id instead"
         )
-    memory_mib = ad.get("requestmemory")
-    if not isinstance(memory_mib, int | float) or isinstance(memory_mib, bool):
-        memory_mib = None
+    memory_mib = _number(_evaluate(ad, "RequestMemory", classads))
+    if memory_mib is None:
         machine_path = env.get("_CONDOR_MACHINE_AD")
         if machine_path and os.path.exists(machine_path):
-            slot_memory = load_classad(machine_path).get("memory")
-            if isinstance(slot_memory, int | float) and not isinstance(slot_memory, bool):
-                memory_mib = slot_memory
-    vacate = ad.get("jobmaxvacatetime")
+            machine = _read_ad(machine_path, classads)
+            memory_mib = _number(_evaluate(machine, "Memory", classads))
+    vacate = _evaluate(ad, "JobMaxVacateTime", classads)
     return CondorJob(
         job_id=validate_job_id(f"{cluster}.{proc}"),
-        memory_limit_bytes=int(memory_mib * MIB) if memory_mib and memory_mib > 0 else None,
+        memory_limit_bytes=int(memory_mib * MIB) if memory_mib else None,
         scratch_dir=env.get("_CONDOR_SCRATCH_DIR") or None,
-        max_vacate_seconds=float(vacate) if isinstance(vacate, int | float) else None,
+        max_vacate_seconds=float(vacate) if _is_int(vacate) or isinstance(vacate, float) else None,
+        cpu_limit=_number(_evaluate(ad, "RequestCpus", classads)),
     )
+
+
+def _read_ad(path: str, classads: Any) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the HTCondor ad {path}: {e}") from None
+    return classads.parse_ad(text)
+
+
+def _evaluate(ad: Any, name: str, classads: Any) -> Any:
+    """An attribute's value; an expression that evaluates to ERROR counts as absent
+    (HTCondor itself would not match such a job), the rest of the ad still serves."""
+    from .errors import ClassAdError
+
+    try:
+        return classads.evaluate(ad, name)
+    except ClassAdError:
+        return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> float | None:
+    """A positive number, else None (booleans, strings, undefined, 0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return None
+    return value
 
 
 def condor_grace(grace_seconds: float, max_vacate_seconds: float | None) -> float:

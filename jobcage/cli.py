@@ -17,7 +17,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import admin, batch, doctor, fetch, recovery, runner
+# Only what `run` needs is imported here: a batch system starts `jobcage run` once per
+# job, so every module it does not use would be a per-job cost (docs/performance.md).
+from . import fetch, runner
 from .config import Config, load_config
 from .errors import (
     CageExistsError,
@@ -280,6 +282,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["grace_seconds"] = args.grace
     job_id, usage_file = args.job_id, args.usage_file
     condor: batch.CondorJob | None = None
+    if args.batch:
+        from . import batch
     try:
         config = _config(args, **overrides)
         if args.batch == "condor":
@@ -287,6 +291,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             job_id = job_id or condor.job_id
             if args.memory is None and condor.memory_limit_bytes is not None:
                 config = config.replace(memory_limit=condor.memory_limit_bytes)
+            if args.cpus is None and condor.cpu_limit is not None:
+                config = config.replace(cpu_limit=condor.cpu_limit)
             if usage_file is None and condor.scratch_dir:
                 usage_file = f"{condor.scratch_dir}/{batch.CONDOR_USAGE_FILE}"
             if args.grace is None:
@@ -339,6 +345,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from . import admin
+
     cages, bad = admin.list_cages_and_bad(_config(args))
     for record in bad:
         _warn(f"{record}; `jobcage reap` moves it aside")
@@ -392,6 +400,8 @@ def _age(seconds: float | None) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from . import admin
+
     usage = admin.cage_stats(args.job_id, _config(args))
     if args.json:
         print(json.dumps({"job_id": args.job_id, "time_unix": time.time(), **usage.to_dict()}))
@@ -402,12 +412,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
+    from . import admin
+
     killed = admin.kill_cage(args.job_id, _config(args))
     print(f"killed {killed} process(es) of job {args.job_id}")
     return EXIT_OK
 
 
 def cmd_reap(args: argparse.Namespace) -> int:
+    from . import recovery
+
     report = recovery.reap(_config(args), dry_run=args.dry_run)
     if args.json:
         print(json.dumps(report.to_dict(), separators=(",", ":")))
@@ -437,6 +451,8 @@ def cmd_reap(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
     checks = doctor.run_checks(_config(args), network=not args.no_network)
     for c in checks:
         if args.json:

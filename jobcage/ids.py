@@ -7,8 +7,6 @@ checked before anything is created. Interface names are limited to 15 bytes
 
 from __future__ import annotations
 
-import hashlib
-
 from .errors import InvalidJobIdError
 
 MAX_JOB_ID_BYTES = 128
@@ -47,6 +45,8 @@ def validate_job_id(job_id: object) -> str:
 
 
 def short_hash(job_id: str, length: int = 12) -> str:
+    import hashlib  # only networked cages need it: not at `jobcage run`'s import
+
     return hashlib.sha256(job_id.encode()).hexdigest()[:length]
 
 

@@ -21,7 +21,6 @@ import json
 import os
 import select
 import signal
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ PR_SET_PDEATHSIG = 1
 
 def generate_job_id(now: float | None = None) -> str:
     """``run-<host>-<pid>-<unix time>``: unique on a node, readable in `jobcage list`."""
-    host = socket.gethostname().split(".")[0] or "localhost"
+    host = os.uname().nodename.split(".")[0] or "localhost"
     host = "".join(c if c.isalnum() or c in "-_" else "_" for c in host)[:40]
     stamp = int(now if now is not None else time.time())
     return validate_job_id(f"run-{host}-{os.getpid()}-{stamp}")
@@ -84,7 +83,7 @@ class RunResult:
         return {
             "format": USAGE_FORMAT,
             "job_id": self.job_id,
-            "host": socket.gethostname(),
+            "host": os.uname().nodename,
             "exit_status": self.exit_status,
             "term_signal": self.term_signal,
             "started_unix": round(self.started_unix, 6),

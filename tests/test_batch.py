@@ -18,7 +18,6 @@ from jobcage.batch import (
     chirp_usage,
     condor_grace,
     condor_job,
-    parse_classad,
     slurm_grace,
     slurm_job,
     slurm_job_id,
@@ -26,55 +25,89 @@ from jobcage.batch import (
 )
 from jobcage.batchcheck import check_slurm
 from jobcage.config import load_config
+from jobcage.errors import ClassAdError
 
 from .cli_support import JOBCAGE, REPO, config_env, list_json
 
 WRAPPER = str(REPO / "tools" / "condor-job-wrapper")
 
+# A job ad as condor_starter writes it to $_CONDOR_SCRATCH_DIR/.job.ad (old format),
+# trimmed of attributes nothing here reads; RequestMemory is HTCondor's own default
+# expression with the user's request_memory = 2048.
 JOB_AD = """\
+Arguments = "say \\"hi\\""
 ClusterId = 4321
-ProcId = 7
-Owner = "alice"
 Cmd = "/home/alice/job.sh"
-Args = "say \\"hi\\""
-RequestMemory = 96
-RequestCpus = 1
+CondorVersion = "$CondorVersion: 24.0.1 2024-10-31 BuildID: 765651 PackageID: 24.0.1-1 $"
+CumulativeSlotTime = 0
+DiskUsage = 2500000
+ExecutableSize = 1
+GlobalJobId = "submit.example.org#4321.7#1700000000"
+ImageSize = 2500000
 JobMaxVacateTime = 20
-WantIOProxy = true
+JobStatus = 2
+JobUniverse = 5
+MemoryUsage = ((ResidentSetSize + 1023) / 1024)
+Owner = "alice"
+ProcId = 7
+QDate = 1700000000
 Rank = 0.0
-Requirements = (TARGET.Arch == "X86_64") && (TARGET.OpSys == "LINUX")
+RequestCpus = 2
+RequestDisk = DiskUsage
+RequestMemory = ifThenElse(MemoryUsage =!= undefined,MemoryUsage,( 2048 ))
+Requirements = (TARGET.Arch == "X86_64") && (TARGET.OpSys == "LINUX") && \
+(TARGET.Disk >= RequestDisk) && (TARGET.Memory >= RequestMemory) && \
+(TARGET.Cpus >= RequestCpus)
+WantIOProxy = true
+"""
+
+# The slot's ad ($_CONDOR_MACHINE_AD): 3 GiB, which must not become the job's limit.
+MACHINE_AD = """\
+Arch = "X86_64"
+Cpus = 4
+Disk = 10000000
+Machine = "node12.example.org"
+Memory = 3072
+Name = "slot1_1@node12.example.org"
+OpSys = "LINUX"
+SlotType = "Dynamic"
 """
 
 
-def test_parse_classad_literals_and_expressions():
-    ad = parse_classad(JOB_AD)
-    assert ad["clusterid"] == 4321 and ad["procid"] == 7
-    assert ad["owner"] == "alice" and ad["args"] == 'say "hi"'
-    assert ad["wantioproxy"] is True and ad["rank"] == 0.0
-    assert ad["requirements"].startswith("(TARGET.Arch")
+def starter_files(tmp_path, job_ad: str = JOB_AD) -> dict[str, str]:
+    """The files and environment condor_starter gives a USER_JOB_WRAPPER."""
+    scratch = tmp_path / "execute" / "dir_12345"
+    scratch.mkdir(parents=True)
+    (scratch / ".job.ad").write_text(job_ad)
+    (scratch / ".machine.ad").write_text(MACHINE_AD)
+    return {
+        "_CONDOR_JOB_AD": str(scratch / ".job.ad"),
+        "_CONDOR_MACHINE_AD": str(scratch / ".machine.ad"),
+        "_CONDOR_SCRATCH_DIR": str(scratch),
+        "_CONDOR_WRAPPER_ERROR_FILE": str(scratch / ".job_wrapper_failure"),
+        "_CONDOR_SLOT": "slot1_1",
+    }
 
 
-def test_condor_job_from_the_ad(tmp_path):
-    ad = tmp_path / ".job.ad"
-    ad.write_text(JOB_AD)
-    job = condor_job({"_CONDOR_JOB_AD": str(ad), "_CONDOR_SCRATCH_DIR": str(tmp_path)})
+def test_condor_job_evaluates_the_ad_with_htcondors_library(tmp_path):
+    env = starter_files(tmp_path)
+    job = condor_job(env)
     assert job.job_id == "4321.7"
-    assert job.memory_limit_bytes == 96 << 20
-    assert job.scratch_dir == str(tmp_path)
+    # ResidentSetSize is not in the ad before the job ran, so MemoryUsage is undefined
+    # and RequestMemory the user's 2048, not the slot's 3072.
+    assert job.memory_limit_bytes == 2048 << 20
+    assert job.cpu_limit == 2
+    assert job.scratch_dir == env["_CONDOR_SCRATCH_DIR"]
     assert job.max_vacate_seconds == 20
 
 
-def test_memory_expression_falls_back_to_the_slot_memory(tmp_path):
-    ad = tmp_path / ".job.ad"
-    ad.write_text(
-        "ClusterId = 1\nProcId = 0\n"
-        "RequestMemory = ifThenElse(MemoryUsage =!= undefined, MemoryUsage, 2048)\n"
-    )
-    machine = tmp_path / ".machine.ad"
-    machine.write_text("Memory = 4096\nCpus = 2\n")
-    job = condor_job({"_CONDOR_JOB_AD": str(ad), "_CONDOR_MACHINE_AD": str(machine)})
-    assert job.memory_limit_bytes == 4096 << 20
-    assert condor_job({"_CONDOR_JOB_AD": str(ad)}).memory_limit_bytes is None
+def test_a_request_memory_without_a_value_falls_back_to_the_slot_memory(tmp_path):
+    ad = JOB_AD.replace("( 2048 )", "undefined")
+    job = condor_job(starter_files(tmp_path, ad))
+    assert job.memory_limit_bytes == 3072 << 20
+    env = starter_files(tmp_path / "no-machine", ad)
+    del env["_CONDOR_MACHINE_AD"]
+    assert condor_job(env).memory_limit_bytes is None
 
 
 def test_condor_job_errors_say_what_to_do(tmp_path):
@@ -86,6 +119,9 @@ def test_condor_job_errors_say_what_to_do(tmp_path):
         condor_job({"_CONDOR_JOB_AD": str(ad)})
     with pytest.raises(ConfigError, match="cannot read"):
         condor_job({"_CONDOR_JOB_AD": str(tmp_path / "missing")})
+    ad.write_text("ClusterId = 1\nProcId = (\n")
+    with pytest.raises(ClassAdError, match="does not parse"):
+        condor_job({"_CONDOR_JOB_AD": str(ad)})
 
 
 def test_grace_stays_inside_htcondors_vacate_time():
@@ -208,18 +244,10 @@ def test_doctor_warns_when_the_grace_does_not_fit_killwait(tmp_path):
 
 
 def _condor_env(cage_config, tmp_path, **extra):
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    ad = scratch / ".job.ad"
-    ad.write_text(JOB_AD)
+    starter = starter_files(tmp_path)
+    scratch = Path(starter["_CONDOR_SCRATCH_DIR"])
     exe, log = _fake_chirp(tmp_path)
-    env = config_env(
-        cage_config,
-        _CONDOR_JOB_AD=str(ad),
-        _CONDOR_SCRATCH_DIR=str(scratch),
-        _CONDOR_WRAPPER_ERROR_FILE=str(scratch / ".wrapper_error"),
-        **extra,
-    )
+    env = config_env(cage_config, **starter, **extra)
     env["PATH"] = f"{os.path.dirname(exe)}:{env['PATH']}"
     return env, scratch, log
 
@@ -240,11 +268,12 @@ def test_condor_wrapper_runs_the_job_in_a_cage_and_reports(cage_config, tmp_path
     assert any(f"{cage_config.cgroup_parent}/4321.7" in line for line in lines[1:])
     record = json.loads((scratch / "jobcage-usage.json").read_text())
     assert record["job_id"] == "4321.7" and record["exit_status"] == 5
-    assert record["usage"]["memory_limit_bytes"] == 96 << 20
+    assert record["usage"]["memory_limit_bytes"] == 2048 << 20  # RequestMemory evaluated
+    assert record["usage"]["cpu_limit_cpus"] == 2  # RequestCpus
     chirps = Path(chirp_log).read_text().splitlines()
     assert "set_job_attr JobCageMemoryPeakBytes" in "\n".join(chirps)
     assert all(line.startswith("set_job_attr JobCage") for line in chirps)
-    assert not (scratch / ".wrapper_error").exists()
+    assert not (scratch / ".job_wrapper_failure").exists()
     assert list_json(cage_config) == {}
 
 
@@ -253,7 +282,7 @@ def test_condor_wrapper_failure_holds_the_job_with_a_reason(cage_config, tmp_pat
     env, scratch, _ = _condor_env(cage_config, tmp_path, JOBCAGE_WRAPPER_ARGS="--memory 0")
     done = subprocess.run([WRAPPER, "/bin/true"], env=env, capture_output=True, text=True)
     assert done.returncode == 125
-    reason = (scratch / ".wrapper_error").read_text()
+    reason = (scratch / ".job_wrapper_failure").read_text()
     assert "memory_limit" in reason and reason.count("\n") == 1
 
 

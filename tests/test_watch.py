@@ -143,10 +143,13 @@ def test_n_forks_are_seen_as_n_and_no_watcher_means_none(cage_config):
         """
         assert cage.spawn(job(code), user=NOBODY).wait() == 0
     usage = cage.final_usage
-    assert usage.processes_started == n + 1  # the job and its n children
+    # A loaded machine may drop an event (the kernel's allocation failed): then the
+    # record must say so; otherwise every fork is counted, exactly.
+    assert usage.processes_started == n + 1 or usage.events_lost > 0, usage
+    assert usage.processes_started <= n + 1
     assert usage.execs == 1
     assert usage.max_processes >= 2
-    assert usage.events_lost == 0 and usage.detections == ()
+    assert usage.detections == ()
     with JobCage(unique("w"), config=cage_config) as plain:
         plain.spawn(["/bin/true"]).wait()
     assert plain.final_usage.processes_started is None

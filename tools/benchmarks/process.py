@@ -1,0 +1,206 @@
+"""Whole-process rows: what a batch system pays per job for `jobcage run`.
+
+A batch system starts ``jobcage run`` once per job, so the interpreter's start and
+imports are part of every job's cost, not only the library's cycle. Each row runs the
+command as a new process, interleaved (common.measure_interleaved) with a shell recipe
+doing the same kernel steps without JobCage:
+
+* cgroup: ``jobcage run --job-id X -- true`` against a shell script that makes the
+  cage's cgroups (one per v1 controller JobCage joins, or one v2 directory), joins
+  them, runs ``true``, freezes and thaws, and removes them;
+* network (in the simulated node): ``jobcage run --network -- true`` against the bare
+  recipe: netns, a veth made in it, addresses, route, MASQUERADE and four FORWARD
+  counting rules with iptables-legacy, run, delete.
+
+    .venv/bin/python -m tools.benchmarks.process [--runs N] [--no-network]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from jobcage.cgroups import probe
+
+from . import common
+
+JOBCAGE = os.path.join(os.path.dirname(sys.executable), "jobcage")
+CONTROLLERS = ("freezer", "memory", "cpuacct", "blkio")
+
+CGROUP_RECIPE = """\
+set -e
+for d in $DIRS; do mkdir "$d"; done
+sh -c 'for d in $DIRS; do echo $$ > "$d/cgroup.procs"; done; exec true'
+echo FROZEN > "$FREEZER/freezer.state"
+echo THAWED > "$FREEZER/freezer.state"
+for d in $DIRS; do rmdir "$d"; done
+"""
+
+NET_RECIPE = """\
+set -e
+ip netns add "$NS"
+ip -n "$NS" link add eth0 type veth peer name "$VETH" netns "$NODE_NS"
+ip -n "$NS" addr add 100.64.255.2/30 dev eth0
+ip -n "$NS" link set eth0 up
+ip -n "$NS" link set lo up
+ip addr add 100.64.255.1/30 dev "$VETH"
+ip link set "$VETH" up
+ip -n "$NS" route add default via 100.64.255.1
+iptables-legacy -w -t nat -A POSTROUTING -s 100.64.255.2/32 -j MASQUERADE
+iptables-legacy -w -A FORWARD -i "$VETH" -d 192.0.2.0/24
+iptables-legacy -w -A FORWARD -i "$VETH" ! -d 192.0.2.0/24
+iptables-legacy -w -A FORWARD -o "$VETH" -s 192.0.2.0/24
+iptables-legacy -w -A FORWARD -o "$VETH" ! -s 192.0.2.0/24
+ip netns exec "$NS" true
+iptables-legacy -w -D FORWARD -o "$VETH" ! -s 192.0.2.0/24
+iptables-legacy -w -D FORWARD -o "$VETH" -s 192.0.2.0/24
+iptables-legacy -w -D FORWARD -i "$VETH" ! -d 192.0.2.0/24
+iptables-legacy -w -D FORWARD -i "$VETH" -d 192.0.2.0/24
+iptables-legacy -w -t nat -D POSTROUTING -s 100.64.255.2/32 -j MASQUERADE
+ip netns del "$NS"
+"""
+
+
+def _config_file(directory: str, parent: str, **extra: str) -> str:
+    path = os.path.join(directory, "jobcage.toml")
+    with open(path, "w") as f:
+        f.write(f'state_dir = "{directory}/state"\ncgroup_parent = "{parent}"\n')
+        for key, value in extra.items():
+            f.write(f"{key} = {value}\n")
+    return path
+
+
+def cgroup_rows(runs: int) -> dict:
+    h = probe()
+    tag = f"jobcage-bench-proc-{os.urandom(3).hex()}"
+    parent = f"/{tag}"
+    counter = itertools.count()
+    with tempfile.TemporaryDirectory(prefix="jobcage-bench-") as directory:
+        env = {**os.environ, "JOBCAGE_CONFIG": _config_file(directory, parent)}
+        # The recipe's own parent: JobCage removes its parent when its last cage goes.
+        if h.default_version == 2:
+            assert h.v2_mount is not None
+            parents = [os.path.join(h.v2_mount, f"{tag}-sh")]
+        else:
+            mounts = [h.v1_mounts[c] for c in CONTROLLERS if c in h.v1_mounts]
+            parents = [os.path.join(m, f"{tag}-sh") for m in mounts]
+        for p in parents:
+            os.makedirs(p, exist_ok=True)
+
+        def jobcage() -> None:
+            subprocess.run(
+                [JOBCAGE, "run", "--job-id", f"p{next(counter)}", "--", "true"],
+                env=env,
+                check=True,
+            )
+
+        def recipe() -> None:
+            name = f"r{next(counter)}"
+            dirs = [os.path.join(p, name) for p in parents]
+            freezer = next((d for d in dirs if "/freezer/" in d), dirs[0])
+            subprocess.run(
+                ["sh", "-c", CGROUP_RECIPE],
+                env={**os.environ, "DIRS": " ".join(dirs), "FREEZER": freezer},
+                check=True,
+            )
+
+        try:
+            figures = common.measure_interleaved(
+                {"jobcage run -- true": jobcage, "shell cgroup recipe": recipe}, runs
+            )
+        finally:
+            for p in parents:
+                os.rmdir(p)
+    a, b = figures["jobcage run -- true"], figures["shell cgroup recipe"]
+    return {
+        "jobcage run -- true": a.as_dict(),
+        "shell cgroup recipe": b.as_dict(),
+        "ratio": round(common.ratio(a, b), 2),
+        "target": 2.0,
+    }
+
+
+def network_rows(runs: int) -> dict:
+    from . import world
+
+    with world.node("iptables-legacy") as node, tempfile.TemporaryDirectory() as directory:
+        counter = itertools.count()
+        conf = _config_file(
+            directory,
+            node.config.cgroup_parent or "/jobcage-bench",
+            address_pool=f'"{node.config.address_pool}"',
+            campus_networks=f'["{node.config.campus_networks[0]}"]',
+            firewall='"iptables-legacy"',
+        )
+        netns = node.world.netns_path(node.world.node)
+        env = {**os.environ, "JOBCAGE_CONFIG": conf}
+
+        def jobcage() -> None:
+            job = node.job_id(f"p{next(counter)}")
+            subprocess.run(
+                [
+                    "nsenter",
+                    f"--net={netns}",
+                    "--",
+                    JOBCAGE,
+                    "run",
+                    "--job-id",
+                    job,
+                    "--network",
+                    "--",
+                    "true",
+                ],
+                env=env,
+                check=True,
+            )
+
+        def recipe() -> None:
+            n = next(counter)
+            subprocess.run(
+                ["nsenter", f"--net={netns}", "--", "sh", "-c", NET_RECIPE],
+                env={
+                    **os.environ,
+                    "NS": f"{node.tag}r{n}",
+                    "VETH": f"jcr{node.tag[-6:]}{n % 100}",
+                    "NODE_NS": netns,
+                },
+                check=True,
+            )
+
+        figures = common.measure_interleaved(
+            {"jobcage run --network -- true": jobcage, "bare networked recipe": recipe}, runs
+        )
+    a, b = figures["jobcage run --network -- true"], figures["bare networked recipe"]
+    return {
+        "jobcage run --network -- true": a.as_dict(),
+        "bare networked recipe": b.as_dict(),
+        "ratio": round(common.ratio(a, b), 2),
+        "target": 1.25,
+    }
+
+
+def run(runs: int, network: bool = True) -> dict:
+    result = {"cgroup": cgroup_rows(runs)}
+    if network:
+        result["network"] = network_rows(runs)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.benchmarks.process", description=__doc__
+    )
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--no-network", action="store_true")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.runs, network=not args.no_network), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
