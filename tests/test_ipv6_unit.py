@@ -88,7 +88,7 @@ def test_record_keeps_the_sums_and_adds_the_ipv6_share():
 
 def test_ipv6_part_round_trips_through_the_record():
     settings = ipv6.Ipv6Settings("nat", Ipv6Pool("fd6a:6f62:6361::/48"))
-    part = ipv6.part(settings, 5, ("2001:db8:c::/64",))
+    part = ipv6.part(settings, 5, ("2001:db8:c::/64",), Config())
     assert ipv6.Ipv6Part.from_record(part.to_record()) == part
     with pytest.raises(ValueError):
         ipv6.Ipv6Part.from_record({**part.to_record(), "pool": "100.64.0.0/16"})

@@ -445,3 +445,56 @@ def test_reap_puts_back_the_sysctls_a_killed_last_cage_left(node, net_config, jo
     assert sysctl("net.ipv6.conf.all.forwarding") == "0"
     assert sysctl("net.ipv6.conf.eth0.accept_ra") == "1"
     assert find_orphans(net_config) == []
+
+
+ROUTED_POOL = "2001:db8:f::/48"
+PEER = (
+    "import socket; s = socket.create_server(('::', 9000), family=socket.AF_INET6, "
+    "dualstack_ipv6=True); print('ready', flush=True); c, a = s.accept(); print(a[0], flush=True)"
+)
+
+
+def test_routed_mode_gives_the_job_a_global_address_without_nat(make_cage, networld, net_config):
+    """The site's router treats ipv6_pool as on the node's link: it solicits each job's
+    address there and the node answers for it (proxy NDP); the far end sees the job's
+    own address. The node fixture checks the proxy entry and proxy_ndp are gone after."""
+    from jobcage.testing.networld import ip
+
+    ip("-n", networld.router, "-6", "route", "add", ROUTED_POOL, "dev", "rn")
+    try:
+        cage = make_cage(config=net_config.replace(ipv6="routed", ipv6_pool=ROUTED_POOL))
+        assert str(cage.ipv6.address) == "2001:db8:f::2/64" and cage.ipv6.uplink == "eth0"
+        proxies = ip("-n", networld.node, "-6", "neigh", "show", "proxy")
+        assert "2001:db8:f::2 dev eth0 proxy" in proxies
+        assert sysctl("net.ipv6.conf.eth0.proxy_ndp") == "1"
+        table = networld.exec_in(networld.node, ["nft", "list", "table", "ip6", "jobcage"])
+        assert "masquerade" not in table.stdout
+        server = networld.popen_in(
+            networld.netns_path(networld.internet), [sys.executable, "-c", PEER], for_test=True
+        )
+        assert server.stdout.readline().strip() == "ready"
+        assert run_in_cage(cage.netns_path, "connect", INTERNET_HOST6, "9000") == "connected"
+        assert server.stdout.readline().strip() == "2001:db8:f::2"
+        assert run_in_cage(cage.netns_path, "get", INTERNET_HOST6, PORT, str(MiB)) == str(MiB)
+        assert_data(cage.counters().net_ipv6_wan_rx_bytes, MiB, "routed download")
+        cage.destroy()
+        assert "2001:db8:f::2" not in ip("-n", networld.node, "-6", "neigh", "show", "proxy")
+    finally:
+        ip("-n", networld.router, "-6", "route", "del", ROUTED_POOL, "dev", "rn")
+
+
+def test_reap_removes_the_proxy_entry_of_a_lost_routed_cage(node, net_config, job_id):
+    from jobcage.testing.networld import ip
+
+    config = net_config.replace(ipv6="routed", ipv6_pool=ROUTED_POOL)
+    NetworkCage.create(job_id, config)  # its handle and record are lost
+    assert "2001:db8:f::2 dev eth0 proxy" in ip("-n", node.node, "-6", "neigh", "show", "proxy")
+    orphans = find_orphans(config)
+    assert ("proxy", "2001:db8:f::2", "eth0") in [(o.kind, o.name, o.table) for o in orphans]
+    order = {"netns": 0, "veth": 1, "chain": 2, "campus": 3, "shared": 3, "proxy": 4, "lease": 5}
+    for orphan in sorted(orphans, key=lambda o: order.get(o.kind, 4)):
+        remove_orphan(orphan, config)
+    assert "2001:db8:f::2" not in ip("-n", node.node, "-6", "neigh", "show", "proxy")
+    node.wait_until_empty(
+        lambda: [o for o in find_orphans(config) if o.kind != "veth"] or None, "the orphans to go"
+    )

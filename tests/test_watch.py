@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from jobcage.watch import Policy, Watcher, WatchSettings
 from jobcage.watch.detect import record
 from jobcage.watch.table import Proc, ProcessTable, Tree
 
+from .cli_support import wait_exit
 from .conftest import unique
 
 NOBODY = 65534
@@ -37,18 +37,6 @@ def wait_for(predicate, timeout: float = 10.0):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.01)
-
-
-def wait_exit(pid: int, timeout: float = 10.0) -> bool:
-    """Until ``pid`` is gone (its pidfd becomes readable); False on timeout."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
 
 
 def job(code: str) -> list[str]:
@@ -293,3 +281,27 @@ def test_police_mode_kills_a_job_process_daemonizing_out_of_the_starter(tmp_path
         proc.stdin.close()
         proc.wait(timeout=10)
         watcher.stop()
+
+
+@pytest.mark.root
+def test_setuid_program_of_a_nobody_job_is_reported(cage_config):
+    import shutil
+    import tempfile
+
+    where = tempfile.mkdtemp(prefix="jobcage-test-suid-")
+    try:
+        os.chmod(where, 0o755)  # nobody must reach it; pytest's own tmp dirs are 0700
+        suid_sleep = os.path.join(where, "suid-sleep")
+        shutil.copy("/bin/sleep", suid_sleep)
+        os.chmod(suid_sleep, 0o4755)  # a setuid-root program, as a job may find one
+        with JobCage(unique("w"), config=cage_config, watch=True) as cage:
+            proc = cage.spawn([suid_sleep, "30"], user=NOBODY)
+            found = wait_for(lambda: cage.usage().detections)
+            proc.kill()
+            proc.wait()
+        [rec] = found
+        assert rec["kind"] == "privilege" and rec["action"] == "log"
+        assert rec["uid"] == 0 and rec["job_uid"] == NOBODY and rec["pid"] == proc.pid
+        assert rec["exe"] == suid_sleep and rec["killed"] is False
+    finally:
+        shutil.rmtree(where)

@@ -191,6 +191,42 @@ def new_default_route(
     return Request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body, what)
 
 
+RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
+NDA_DST = 1
+NTF_PROXY = 0x08
+NUD_PERMANENT = 0x80
+_NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
+
+
+def proxy_neighbour(
+    index: int, address: ipaddress.IPv6Address, *, add: bool, what: str
+) -> Request:
+    """`ip -6 neigh add|del proxy ADDRESS dev INDEX`: the node answers neighbour
+    solicitations for ``address`` on that link (with its proxy_ndp on)."""
+    body = _NDMSG.pack(socket.AF_INET6, index, NUD_PERMANENT, NTF_PROXY, 0)
+    body += attr(NDA_DST, address.packed)
+    if add:
+        return Request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL, body, what)
+    return Request(RTM_DELNEIGH, 0, body, what)
+
+
+RTM_GETNEIGH = 30
+
+
+def dump_proxy_neighbours(what: str = "listing the IPv6 proxy neighbour entries") -> Request:
+    """Every IPv6 proxy neighbour entry (the kernel dumps its proxy table when the
+    request's ndm_flags has NTF_PROXY)."""
+    return Request(
+        RTM_GETNEIGH, NLM_F_DUMP, _NDMSG.pack(socket.AF_INET6, 0, 0, NTF_PROXY, 0), what
+    )
+
+
+def proxy_neighbour_fields(message: bytes) -> tuple[int, bytes]:
+    """(ifindex, NDA_DST) of an RTM_NEWNEIGH reply."""
+    _, index, _, _, _ = _NDMSG.unpack_from(message, 16)
+    return index, attrs(message, 16 + _NDMSG.size).get(NDA_DST, b"")
+
+
 def no_ipv6_link_local(index: int, what: str) -> Request:
     """The link makes no IPv6 link-local address (``addrgenmode none``): the one
     IPv6 setting rtnetlink takes, where a /proc/sys/net write costs a path walk over

@@ -144,7 +144,7 @@ class NetworkCage:
             state_dir=config.state_dir,
             firewall_backend=firewall_backend,
             uplink=config.uplink,
-            ipv6=ipv6_mod.part(v6, lease.index, campus6) if v6 is not None else None,
+            ipv6=ipv6_mod.part(v6, lease.index, campus6, config) if v6 is not None else None,
         )
         # Rollback removes only what this call built: with a duplicate job id, the
         # names (netns, chains, resolv.conf) are the running cage's.
@@ -300,7 +300,7 @@ class NetworkCage:
             keeping_lease(lambda: firewall.remove(self.plan) if remove_rules else None),
             keeping_lease(
                 lambda: (
-                    ipv6_mod.remove(self.plan6, self.state_dir)
+                    ipv6_mod.remove(self.plan6, self.ipv6, self.state_dir)
                     if remove_rules6 and self.plan6 is not None
                     else None
                 )
@@ -489,6 +489,7 @@ def find_orphans(config: Config) -> list[Orphan]:
             for o in firewall.orphans(known_hashes)
             if o.kind != CAGE or o.cage in leased_hashes
         ]
+    orphans += ipv6_mod.proxy_orphans(config, held, known_jobs, Orphan)
     orphans += [
         Orphan("lease", str(i), cage=_cage_hash(veth_names(job)[0]))
         for i, job in sorted(held.items())
@@ -518,6 +519,8 @@ def remove_orphan(orphan: Orphan, config: Config) -> None:
             # The node's last IPv6 cage was a dead owner's: its sysctls go back too.
             with ipv6_mod.locked(config.state_dir):
                 ipv6_mod.restore(config.state_dir)
+    elif orphan.kind == "proxy":
+        ipv6_mod.remove_proxy_orphan(orphan.table or "", orphan.name)
     elif orphan.kind == "sysctls":
         ipv6_mod.restore_if_unused(config.state_dir)
     elif orphan.kind == "lease":

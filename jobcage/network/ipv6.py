@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import DEFAULT_IPV6_POOL, Config
 from ..errors import ConfigError, NetworkError
 from ..netlink import core, rtnl
-from . import hooks, netns, resolv
+from . import hooks, netns, resolv, routed6
 from .addresses import Ipv6Pool, locked_file
 from .firewall.policy import CagePlan, NetCounters
 
@@ -64,6 +64,8 @@ class Ipv6Part:
     pool: str
     campus_networks: tuple[str, ...]
     mode: str = "nat"
+    # Routed mode: the uplink its proxy neighbour entry is on (removed from there).
+    uplink: str = ""
 
     def plan(self, plan4: CagePlan) -> CagePlan:
         """The cage's IPv4 plan over its IPv6 prefix: the same policy, in ip6 jobcage."""
@@ -81,6 +83,7 @@ class Ipv6Part:
             "pool": self.pool,
             "campus_networks": list(self.campus_networks),
             "mode": self.mode,
+            "uplink": self.uplink,
         }
 
     @classmethod
@@ -95,10 +98,11 @@ class Ipv6Part:
                 str(ipaddress.IPv6Network(n)) for n in record["campus_networks"]
             ),
             mode=str(record.get("mode", "nat")),
+            uplink=str(record.get("uplink", "")),
         )
 
 
-def part(settings: Ipv6Settings, index: int, campus: Sequence[str]) -> Ipv6Part:
+def part(settings: Ipv6Settings, index: int, campus: Sequence[str], config: Config) -> Ipv6Part:
     """The IPv6 of the cage whose IPv4 lease is ``index``."""
     lease = settings.pool.lease(index)
     return Ipv6Part(
@@ -107,6 +111,7 @@ def part(settings: Ipv6Settings, index: int, campus: Sequence[str]) -> Ipv6Part:
         pool=str(settings.pool.network),
         campus_networks=tuple(campus),
         mode=settings.mode,
+        uplink=uplink6(config) if settings.mode == "routed" else "",
     )
 
 
@@ -152,15 +157,26 @@ def with_ipv6(
 
 def install(plan: CagePlan, cage: Ipv6Part, config: Config) -> None:
     """The cage's IPv6 rules, and forwarding if it is the node's first IPv6 cage."""
-    uplink = functools.cache(lambda: uplink6(config))
+    uplink = functools.cache(lambda: cage.uplink or uplink6(config))
+    routed = cage.mode == "routed"
     with locked(config.state_dir):
-        ensure_forwarding(config.state_dir, uplink)
-        firewall().install(plan, cage.pool, uplink)
+        ensure_forwarding(config.state_dir, uplink, proxy_ndp=routed)
+        # Routed: no NAT66 (an uplink of "" makes none).
+        firewall().install(plan, cage.pool, (lambda: "") if routed else uplink)
+        if routed:
+            try:
+                routed6.add_proxy(cage.uplink, cage.address.ip)
+            except NetworkError:
+                firewall().remove(plan)
+                raise
 
 
-def remove(plan: CagePlan, state_dir: str) -> None:
-    """Remove the cage's IPv6 rules; the last IPv6 cage puts the sysctls back."""
+def remove(plan: CagePlan, cage: Ipv6Part, state_dir: str) -> None:
+    """Remove the cage's IPv6 rules (and proxy entry); the last IPv6 cage puts the
+    sysctls back."""
     with locked(state_dir):
+        if cage.mode == "routed" and cage.uplink:
+            routed6.remove_proxy(cage.uplink, cage.address.ip)
         if firewall().remove(plan):
             restore(state_dir)
 
@@ -200,11 +216,6 @@ def settings(config: Config, campus: Sequence[str], backend: str) -> Ipv6Setting
             'nftables-only (docs/network.md); set firewall = "nftables" (or "auto" on a '
             'kernel with nf_tables), or ipv6 = "off"'
         )
-    if config.ipv6 == "routed":
-        raise ConfigError(
-            'ipv6 = "routed" is not built yet in this version: set ipv6 = "nat" (NAT66 out '
-            'of the uplink) or "off"'
-        )
     if not node_has_ipv6():
         if config.ipv6 == "auto":
             return None
@@ -213,7 +224,7 @@ def settings(config: Config, campus: Sequence[str], backend: str) -> Ipv6Setting
             f"({DISABLE_IPV6_DEFAULT} is not 0, or the kernel has no IPv6): set "
             'net.ipv6.conf.default.disable_ipv6 = 0, or ipv6 = "off" in the config'
         )
-    return Ipv6Settings("nat", pool)
+    return Ipv6Settings("routed" if config.ipv6 == "routed" else "nat", pool)
 
 
 def node_has_ipv6() -> bool:
@@ -288,16 +299,25 @@ def _write(path: str, value: str) -> None:
         ) from e
 
 
-def ensure_forwarding(state_dir: str, uplink: Callable[[], str]) -> None:
+def ensure_forwarding(
+    state_dir: str, uplink: Callable[[], str], *, proxy_ndp: bool = False
+) -> None:
     """Turn IPv6 forwarding on if it is off (under :func:`locked`), keeping the uplink's
-    router advertisements; the old values are saved first."""
-    if forwarding_enabled():
+    router advertisements, and (routed mode) the uplink's proxy_ndp; the old values
+    are saved first."""
+    changes = {}
+    if not forwarding_enabled():
+        accept_ra = f"/proc/sys/net/ipv6/conf/{uplink()}/accept_ra"
+        if _read(accept_ra) == "1":
+            changes[accept_ra] = "2"  # before forwarding: no RA missed
+        changes[FORWARDING_ALL] = "1"
+    if proxy_ndp:
+        proxy = f"/proc/sys/net/ipv6/conf/{uplink()}/proxy_ndp"
+        if _read(proxy) != "1":
+            changes[proxy] = "1"
+    if not changes:
         return
     hooks.check()
-    accept_ra = f"/proc/sys/net/ipv6/conf/{uplink()}/accept_ra"
-    changes = {FORWARDING_ALL: "1"}
-    if _read(accept_ra) == "1":
-        changes = {accept_ra: "2", **changes}  # before forwarding: no RA missed
     saved_path = os.path.join(_dir(state_dir), SAVED_NAME)
     saved = _saved(saved_path)
     for path in changes:
@@ -334,7 +354,7 @@ def _saved(path: str) -> dict[str, str]:
         for k, v in data.items()
         if isinstance(k, str)
         and k.startswith("/proc/sys/net/ipv6/conf/")
-        and k.rsplit("/", 1)[-1] in ("forwarding", "accept_ra")
+        and k.rsplit("/", 1)[-1] in ("forwarding", "accept_ra", "proxy_ndp")
         and "/.." not in k
         and str(v) in ("0", "1", "2")
     }
@@ -364,6 +384,33 @@ def _no_ipv6_cages() -> bool:
 
     with nfnl.family(nfnl.NFPROTO_IPV6):
         return nfchannel.table_use(TABLE) is None
+
+
+def proxy_orphans(
+    config: Config, held: dict[int, str], known_jobs: set[str], orphan: Callable[..., Any]
+) -> list[Any]:
+    """Routed mode: the proxy neighbour entry of each cage whose lease this state dir
+    holds and whose record is lost (``orphan(kind, name, table, cage=)``: the uplink is
+    the table). Read-only; before the leases, which make them this state dir's."""
+    if config.ipv6 != "routed" or not config.ipv6_pool:
+        return []
+    from ..ids import veth_names
+
+    pool = Ipv6Pool(config.ipv6_pool)
+    uplink = config.uplink or uplink6(config)
+    there = routed6.proxies(uplink)
+    out = []
+    for index, job in sorted(held.items()):
+        if job in known_jobs or index >= pool.size:
+            continue
+        address = pool.lease(index).job.ip
+        if address in there:
+            out.append(orphan("proxy", str(address), uplink, cage=veth_names(job)[0][2:-1]))
+    return out
+
+
+def remove_proxy_orphan(uplink: str, address: str) -> None:
+    routed6.remove_proxy(uplink, ipaddress.IPv6Address(address))
 
 
 def settings_left(state_dir: str) -> bool:
@@ -423,5 +470,9 @@ def report(config: Config) -> tuple[str, str]:
             "IPv6 forwarding is off: the first IPv6 cage turns it on (the uplink's "
             "accept_ra 1 becomes 2) and the last puts both back"
         )
-    text = f"NAT66 of {found.pool.network} (a /64 a cage) out of {uplink}"
+    text = (
+        f"NAT66 of {found.pool.network} (a /64 a cage) out of {uplink}"
+        if found.mode == "nat"
+        else f"routed: {found.pool.network} (a /64 a cage, no NAT), proxy NDP on {uplink}"
+    )
     return status, "; ".join([text, *notes])

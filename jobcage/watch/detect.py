@@ -60,6 +60,18 @@ class Policy:
         return getattr(self, kind)
 
 
+def process_fields(tree: Tree, proc: Proc) -> dict[str, Any]:
+    """What every JSON line says of its process: the job, pid, ppid, uid, program."""
+    return {
+        "job_id": tree.job_id,
+        "pid": proc.pid,
+        "ppid": proc.ppid,
+        "uid": proc.uid,
+        "exe": proc.exe,
+        "comm": proc.comm,
+    }
+
+
 def record(
     kind: str, tree: Tree, proc: Proc, action: str, killed: bool, **extra: Any
 ) -> dict[str, Any]:
@@ -67,12 +79,7 @@ def record(
     return {
         "type": "detection",
         "kind": kind,
-        "job_id": tree.job_id,
-        "pid": proc.pid,
-        "ppid": proc.ppid,
-        "uid": proc.uid,
-        "exe": proc.exe,
-        "comm": proc.comm,
+        **process_fields(tree, proc),
         "action": action,
         "killed": killed,
         "time": round(time.time(), 6),

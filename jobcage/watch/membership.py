@@ -66,10 +66,12 @@ def describe(pid: int) -> Proc | None:
     st = procfs.stat(pid)
     if st is None:
         return None
+    ruid, euid = procfs.uids(pid) or (None, None)
     return Proc(
         pid,
         st.ppid,
-        procfs.euid(pid),
+        euid,
+        ruid=ruid,
         starttime=st.starttime,
         comm=procfs.comm(pid),
         exe=procfs.exe(pid),

@@ -49,15 +49,22 @@ def stat(pid: int, proc: str = PROC) -> Stat | None:
         return None
 
 
-def euid(pid: int, proc: str = PROC) -> int | None:
+def uids(pid: int, proc: str = PROC) -> tuple[int, int] | None:
+    """Real and effective uid: a setuid program keeps the first and changes the second."""
     try:
         with open(f"{proc}/{pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"Uid:"):
-                    return int(line.split()[2])
+                    fields = line.split()
+                    return int(fields[1]), int(fields[2])
     except (*_GONE, PermissionError, ValueError, IndexError):
         return None
     return None
+
+
+def euid(pid: int, proc: str = PROC) -> int | None:
+    found = uids(pid, proc)
+    return found[1] if found is not None else None
 
 
 def exe(pid: int, proc: str = PROC) -> str | None:

@@ -19,6 +19,7 @@ class Proc:
     ppid: int
     uid: int | None
     starttime: int | None = None
+    ruid: int | None = None  # known when read from /proc: who the job started as
     comm: str | None = None
     exe: str | None = None
     argv: list[str] | None = None

@@ -187,7 +187,7 @@ class Watcher:
             proc = membership.describe(pid) or pending.proc
             proc.ppid = pending.proc.ppid
             if tree.job_uid is None:
-                tree.job_uid = proc.uid
+                tree.job_uid = proc.ruid if proc.ruid is not None else proc.uid
             self.table.add(tree, proc)
             self._check_privilege(tree, proc)
 
@@ -339,7 +339,7 @@ class Watcher:
         if proc is None:
             return None
         if tree.job_uid is None:
-            tree.job_uid = proc.uid
+            tree.job_uid = proc.ruid if proc.ruid is not None else proc.uid
         self.table.add(tree, proc)
         self._check_privilege(tree, proc)
         return proc
@@ -462,12 +462,7 @@ class Watcher:
             {
                 "type": "event",
                 "kind": ev.kind,
-                "job_id": tree.job_id,
-                "pid": proc.pid,
-                "ppid": proc.ppid,
-                "uid": proc.uid,
-                "exe": proc.exe,
-                "comm": proc.comm,
+                **detect.process_fields(tree, proc),
                 "time": round(time.time(), 6),
                 **extra,
             }

@@ -397,12 +397,9 @@ def shared_messages(pool: str, uplink: str, owner: str = "") -> list[Request]:
     for chain, key, target in dispatch:
         jump = nfexpr.immediate_verdict(nfnl.NFT_JUMP, target)
         msgs.append(nfnl.new_rule(TABLE, chain, [*_interface(key, VETH_WILDCARD), jump]))
-    masq = [
-        *_network(0, pool),
-        *_interface(oif, uplink),
-        nfexpr.masquerade(),
-    ]
-    msgs.append(nfnl.new_rule(TABLE, NAT_CHAIN, masq))
+    if uplink:  # "": no NAT (IPv6 in routed mode: the cages' addresses are global)
+        masq = [*_network(0, pool), *_interface(oif, uplink), nfexpr.masquerade()]
+        msgs.append(nfnl.new_rule(TABLE, NAT_CHAIN, masq))
     return msgs
 
 
