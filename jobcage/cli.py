@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 2G or 512M")
     run.add_argument("--pids", metavar="N", type=int, help="limit on the number of processes")
     run.add_argument(
+        "--watch",
+        action="store_true",
+        help="watch the job's processes (docs/watch.md): the record gains processes_started, "
+        "execs, max_processes, events_lost and detections",
+    )
+    run.add_argument(
         "--cpus",
         metavar="N",
         help="CPU limit in CPUs, e.g. 2 or 0.5 (default: cpu_limit; --batch: the job's request)",
@@ -322,6 +328,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             user=int(args.user) if args.user and args.user.isdigit() else args.user,
             cwd=args.cwd,
             parent_pid=parent_pid,
+            watch=args.watch,
         )
     except JobCageError as e:
         if args.batch == "condor":

@@ -186,6 +186,7 @@ def run_job(
     grace_seconds: float | None = None,
     on_started: Callable[[JobCage, int], None] | None = None,
     parent_pid: int | None = None,
+    watch: bool = False,
 ) -> RunResult:
     """Build a cage, run ``argv`` in it, forward signals, tear down, return the result.
 
@@ -206,6 +207,7 @@ def run_job(
         network=network,
         campus_networks=campus_networks,
         config=config,
+        watch=watch,
     )
     with _SignalRelay(parent_pid) as relay:
         started = time.time()

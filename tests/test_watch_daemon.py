@@ -137,6 +137,21 @@ def test_daemon_refuses_a_bad_value_with_one_line(cage_config, tmp_path):
     assert daemon.proc.stdout.read() == ""
 
 
+def test_run_watch_puts_the_watcher_fields_in_the_record(cage_config):
+    from .cli_support import JOBCAGE, config_env
+
+    done = subprocess.run(
+        [JOBCAGE, "run", "--watch", "--usage-file", "-", "--", "/bin/sh", "-c", "true & wait"],
+        env=config_env(cage_config),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    usage = json.loads(done.stdout)["usage"]
+    assert usage["events_lost"] > 0 or usage["processes_started"] == 2  # sh, its subshell
+    assert usage["execs"] >= 1 and usage["detections"] == []
+
+
 def test_cli_registers_watch():
     from jobcage.cli import build_parser
 

@@ -8,9 +8,10 @@ doing the same kernel steps without JobCage:
 * cgroup: ``jobcage run --job-id X -- true`` against a shell script that makes the
   cage's cgroups (one per v1 controller JobCage joins, or one v2 directory), joins
   them, runs ``true``, freezes and thaws, and removes them;
-* network (in the simulated node): ``jobcage run --network -- true`` against the bare
-  recipe: netns, a veth made in it, addresses, route, MASQUERADE and four FORWARD
-  counting rules with iptables-legacy, run, delete.
+* network (in the simulated node), once per firewall backend of JobCage:
+  ``jobcage run --network -- true`` against the bare recipe: netns, a veth made in
+  it, addresses, route, MASQUERADE and four FORWARD counting rules with
+  iptables-legacy, run, delete.
 
     .venv/bin/python -m tools.benchmarks.process [--runs N] [--no-network]
 """
@@ -125,17 +126,17 @@ def cgroup_rows(runs: int) -> dict:
     }
 
 
-def network_rows(runs: int) -> dict:
+def network_rows(runs: int, firewall: str) -> dict:
     from . import world
 
-    with world.node("iptables-legacy") as node, tempfile.TemporaryDirectory() as directory:
+    with world.node(firewall) as node, tempfile.TemporaryDirectory() as directory:
         counter = itertools.count()
         conf = _config_file(
             directory,
             node.config.cgroup_parent or "/jobcage-bench",
             address_pool=f'"{node.config.address_pool}"',
             campus_networks=f'["{node.config.campus_networks[0]}"]',
-            firewall='"iptables-legacy"',
+            firewall=f'"{firewall}"',
         )
         netns = node.world.netns_path(node.world.node)
         env = {**os.environ, "JOBCAGE_CONFIG": conf}
@@ -187,7 +188,8 @@ def network_rows(runs: int) -> dict:
 def run(runs: int, network: bool = True) -> dict:
     result = {"cgroup": cgroup_rows(runs)}
     if network:
-        result["network"] = network_rows(runs)
+        for firewall in ("nftables", "iptables-legacy"):
+            result[f"network {firewall}"] = network_rows(runs, firewall)
     return result
 
 
