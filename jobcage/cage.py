@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from .cgroups import CageCgroup, CgroupBackend, open_backend
-from .config import Config, load_config, parse_cpus, parse_size
+from .config import Config, check_value, load_config
 from .errors import (
     CageStateError,
     ConfigError,
@@ -53,7 +53,11 @@ class State(enum.Enum):
 
 
 class JobCage:
-    """Contains one batch job and accounts for what it used. See DESIGN.md."""
+    """Contains one batch job and accounts for what it used (docs/cage.md).
+
+    Every argument is checked like the config key of the same name, before anything
+    is built: a bad one is a ConfigError naming it.
+    """
 
     def __init__(
         self,
@@ -63,30 +67,39 @@ class JobCage:
         pids_limit: int | None = None,
         cpu_limit: float | None = None,
         network: bool = False,
-        campus_networks: Sequence[str] | None = None,
+        campus_networks: Sequence[str | ipaddress.IPv4Network] | None = None,
         config: Config | None = None,
         watch: bool = False,
     ) -> None:
         self.job_id = validate_job_id(job_id)
-        self.config = config if config is not None else load_config()
-        self.memory_limit = parse_size(
-            memory_limit if memory_limit is not None else self.config.memory_limit
-        )
-        self.pids_limit = pids_limit if pids_limit is not None else self.config.pids_limit
-        if self.pids_limit is not None and (
-            not isinstance(self.pids_limit, int) or self.pids_limit <= 0
-        ):
-            raise ConfigError(f"pids limit must be a positive integer, not {self.pids_limit!r}")
-        self.cpu_limit = parse_cpus(cpu_limit if cpu_limit is not None else self.config.cpu_limit)
-        self.network = bool(network)
-        campus = campus_networks if campus_networks is not None else self.config.campus_networks
-        try:
-            # Either family: a dual-stack cage counts its IPv6 against the IPv6 ones.
-            self.campus_networks = tuple(str(ipaddress.ip_network(c)) for c in campus)
-        except ValueError as e:
+        if config is not None and not isinstance(config, Config):
             raise ConfigError(
-                f"bad campus network: {e}; give CIDRs such as 129.93.0.0/16 or 2001:db8::/32"
-            ) from None
+                f"JobCage argument: config = {type(config).__name__} is not valid; expected "
+                "a jobcage.Config (or None: load_config())"
+            )
+        if not isinstance(network, bool):
+            raise ConfigError(
+                f"JobCage argument: network = {network!r} is not valid; expected True or False"
+            )
+        base = config if config is not None else load_config()
+        arguments = {
+            "memory_limit": memory_limit,
+            "pids_limit": pids_limit,
+            "cpu_limit": cpu_limit,
+            "campus_networks": campus_networks,
+        }
+        changes = {
+            key: check_value(key, value, "JobCage argument")
+            for key, value in arguments.items()
+            if value is not None
+        }
+        # The arguments win over the config's keys; checks across keys see them too.
+        self.config = base.replace(**changes) if changes else base
+        self.memory_limit = self.config.memory_limit
+        self.pids_limit = self.config.pids_limit
+        self.cpu_limit = self.config.cpu_limit
+        self.network = network
+        self.campus_networks = self.config.campus_networks
         # Checked now: a bad watch_* value is an error before anything is built. The
         # import waits until a watcher is asked for: `jobcage run` starts without it.
         self._watch_settings: WatchSettings | None = None
@@ -179,7 +192,7 @@ class JobCage:
                 self._store.save(record)
                 from .network import NetworkCage
 
-                self._net = NetworkCage.create(self.job_id, self.config, self.campus_networks)
+                self._net = NetworkCage.create(self.job_id, self.config)
                 record = record.replace(network=network_part(self._net.to_record(), self.job_id))
             if self._watch_settings is not None:
                 from .watch import acquire
@@ -229,8 +242,15 @@ class JobCage:
         stdin: _File = None,
         stdout: _File = None,
         stderr: _File = None,
+        **popen_options: Any,
     ) -> subprocess.Popen:
-        """Start ``argv`` inside every cgroup and the netns before it execs."""
+        """Start ``argv`` inside every cgroup and the netns before it execs.
+
+        Popen's everyday options (``text``, ``encoding``, ``errors``, ``pass_fds``,
+        ``bufsize``, ``start_new_session``…) pass through; those that would break the
+        cage (``preexec_fn``, ``group``, ``extra_groups``: use ``user=``) are a
+        SpawnError. The job leads its own session unless told otherwise.
+        """
         cgroup = self._require_built("spawn")
         proc = _spawn(
             argv,
@@ -243,6 +263,7 @@ class JobCage:
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,
+            **popen_options,
         )
         if self._watcher is not None:
             self._watcher.claim(self.job_id, proc.pid)

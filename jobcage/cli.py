@@ -15,12 +15,12 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 # Only what `run` needs is imported here: a batch system starts `jobcage run` once per
 # job, so every module it does not use would be a per-job cost (docs/performance.md).
 from . import fetch, runner
-from .config import Config, load_config
+from .config import Config, check_value, load_config
 from .errors import (
     CageExistsError,
     CageNotFoundError,
@@ -73,6 +73,22 @@ examples:
 """
 
 
+class UsageError(Exception):
+    """A bad command line, caught by main() and printed as one line."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting 2: main() prints one
+    line and picks the exit code (125 for `run`, whose own codes are the job's)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+
 def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """Config options, accepted before and after the command name."""
     default = argparse.SUPPRESS if suppress else None
@@ -100,7 +116,7 @@ def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jobcage",
         description="Contain a batch job in cgroups (and optionally a network namespace) "
         "and report what it used.",
@@ -131,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mem, a grace inside KillWait, the record in <state_dir>/usage/<id>.json)",
     )
     run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 2G or 512M")
-    run.add_argument("--pids", metavar="N", type=int, help="limit on the number of processes")
+    run.add_argument("--pids", metavar="N", help="limit on the number of processes")
     run.add_argument(
         "--watch",
         action="store_true",
@@ -165,7 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--grace",
         metavar="SECONDS",
-        type=float,
         help="time between a forwarded SIGTERM and killing the cage (default: grace_seconds)",
     )
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
@@ -199,25 +214,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace, **overrides: Any) -> Config:
+def _config(
+    args: argparse.Namespace, flags: dict[str, str] | None = None, **overrides: Any
+) -> Config:
+    """The config with the command line on top; ``flags`` names the flag that set each
+    override, so that a bad value's error names it."""
+    origins = dict(flags or {})
     for item in getattr(args, "settings", None) or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set grace_seconds=60")
-        overrides.setdefault(key.strip().replace("-", "_"), value)
-    if getattr(args, "state_dir", None):
-        overrides["state_dir"] = args.state_dir
-    if getattr(args, "cgroup_parent", None):
-        overrides["cgroup_parent"] = args.cgroup_parent
-    return load_config(getattr(args, "config", None), **overrides)
+        key = key.strip().replace("-", "_")
+        # Checked even when a flag of its own overrides it: a bad value is never silent.
+        check_value(key, value, f"--set {key}")
+        if key not in overrides:
+            overrides[key], origins[key] = value, f"--set {key}"
+    for key in ("state_dir", "cgroup_parent"):
+        if getattr(args, key, None):
+            overrides[key], origins[key] = getattr(args, key), "--" + key.replace("_", "-")
+    return load_config(getattr(args, "config", None), origins=origins, **overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error argparse already printed
+    except SystemExit as e:  # --help, --version
         return int(e.code or 0) if isinstance(e.code, int) else EXIT_USAGE
+    except UsageError as e:
+        _error(f"{e} (see `{e.prog} --help`)")
+        return EXIT_RUN_FAILED if e.prog.split()[1:2] == ["run"] else EXIT_USAGE
     command = args.command
     try:
         return COMMANDS[command](args)
@@ -276,22 +302,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not argv:
         raise ConfigError("nothing to run: give the command after --, e.g. jobcage run -- ./job")
     overrides: dict[str, Any] = {}
-    if args.memory is not None:
-        overrides["memory_limit"] = args.memory
-    if args.pids is not None:
-        overrides["pids_limit"] = args.pids
-    if args.cpus is not None:
-        overrides["cpu_limit"] = args.cpus
-    if args.campus:
-        overrides["campus_networks"] = args.campus
-    if args.grace is not None:
-        overrides["grace_seconds"] = args.grace
+    flags = {}
+    for key, flag, value in (
+        ("memory_limit", "--memory", args.memory),
+        ("pids_limit", "--pids", args.pids),
+        ("cpu_limit", "--cpus", args.cpus),
+        ("campus_networks", "--campus", args.campus),
+        ("grace_seconds", "--grace", args.grace),
+    ):
+        if value is not None:
+            overrides[key], flags[key] = value, flag
     job_id, usage_file = args.job_id, args.usage_file
     condor: batch.CondorJob | None = None
     if args.batch:
         from . import batch
     try:
-        config = _config(args, **overrides)
+        config = _config(args, flags, **overrides)
         if args.batch == "condor":
             condor = batch.condor_job()
             job_id = job_id or condor.job_id
@@ -320,6 +346,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 config = config.replace(
                     grace_seconds=batch.slurm_grace(config.grace_seconds, slurm.kill_wait_seconds)
                 )
+        if args.usage_file is not None:
+            # Refused before the job runs: a bill that cannot be written is lost.
+            # (The batch systems' default places are JobCage's own, made when written.)
+            runner.check_usage_destination(args.usage_file)
         result = runner.run_job(
             argv,
             job_id=job_id,

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cage import JobCage
-from .config import Config
-from .errors import JobCageError
+from .config import Config, check_value
+from .errors import ConfigError, JobCageError, SpawnError
 from .ids import validate_job_id
+from .spawn import resolve_user
 from .usage import USAGE_FORMAT, Usage
 
 FORWARDED_SIGNALS = (
@@ -197,7 +198,17 @@ def run_job(
     started this process), that process exiting stops the job like a SIGTERM.
     """
     job_id = validate_job_id(job_id) if job_id is not None else generate_job_id()
-    grace = config.grace_seconds if grace_seconds is None else float(grace_seconds)
+    grace = config.grace_seconds
+    if grace_seconds is not None:
+        grace = check_value("grace_seconds", grace_seconds, "run_job argument")  # type: ignore[assignment]
+    # What would only fail in the child is refused before anything is built.
+    if user is not None:
+        resolve_user(user)
+    if cwd is not None and not os.path.isdir(cwd):
+        raise SpawnError(
+            f"the working directory (cwd) {cwd!r} does not exist or is not a "
+            "directory; give an existing one"
+        )
     job_env = dict(os.environ if env is None else env)
     job_env["JOBCAGE_JOB_ID"] = job_id
     cage = JobCage(
@@ -292,6 +303,25 @@ def _forward(pid: int, sig: int) -> None:
     except ProcessLookupError:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def check_usage_destination(destination: str) -> None:
+    """Refuse a usage file that could not be written, before the job runs."""
+    if destination == "-":
+        return
+    directory = os.path.dirname(os.path.abspath(destination))
+    if os.path.isdir(destination):
+        problem = "is a directory"
+    elif not os.path.isdir(directory):
+        problem = f"is in {directory}, which does not exist"
+    elif not os.access(destination if os.path.exists(destination) else directory, os.W_OK):
+        problem = "cannot be written (permissions or a read-only filesystem)"
+    else:
+        return
+    raise ConfigError(
+        f"--usage-file {destination} {problem}: the job's bill would be lost; give a "
+        "writable file in an existing directory"
+    )
 
 
 def write_usage_record(result: RunResult, destination: str) -> None:

@@ -23,6 +23,19 @@ from .syscalls import CLONE_NEWNET, CLONE_NEWNS, MS_BIND, MS_REC, MS_SLAVE
 from .syscalls import check as _check
 from .syscalls import libc as _libc
 
+# Popen options that would break the cage, and what to use instead. The cage is
+# entered in preexec_fn; CPython's group/extra_groups (like its user=, which spawn's
+# own ``user`` replaces) drop privileges *before* preexec_fn runs, after which the
+# child can no longer join its cgroups or netns.
+REFUSED_OPTIONS = {
+    "preexec_fn": "the cage is entered in preexec_fn between fork and exec, so a second "
+    "one cannot run; do that work in the job (a wrapper script) instead",
+    "group": "use spawn(user=...), which takes the user's groups from the passwd "
+    "database: CPython's group= drops root before the cage is entered",
+    "extra_groups": "use spawn(user=...), which sets the user's supplementary groups: "
+    "CPython's extra_groups= drops root before the cage is entered",
+}
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -61,7 +74,19 @@ def spawn(
     stdin: Any = None,
     stdout: Any = None,
     stderr: Any = None,
+    **popen_options: Any,
 ) -> subprocess.Popen:
+    """``popen_options`` go to Popen (text, encoding, pass_fds, bufsize…) except
+    those in REFUSED_OPTIONS. The job leads its own session unless the caller says
+    ``start_new_session=False`` (or gives a ``process_group``)."""
+    refused = sorted(set(popen_options) & REFUSED_OPTIONS.keys())
+    if refused:
+        raise SpawnError(
+            f"spawn() cannot take {refused[0]}=: {REFUSED_OPTIONS[refused[0]]}; "
+            "nothing was started"
+        )
+    if "process_group" not in popen_options:
+        popen_options.setdefault("start_new_session", True)
     if not argv:
         raise SpawnError("nothing to run: argv is empty")
     creds = resolve_user(user) if user is not None else None
@@ -104,21 +129,21 @@ def spawn(
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                start_new_session=True,
                 preexec_fn=enter_cage,
+                **popen_options,
             )
-        except FileNotFoundError as e:
-            raise SpawnError(
-                e.errno,
-                f"cannot run {argv[0]!r}: no such file (check the path and the job's PATH)",
-            ) from e
-        except PermissionError as e:
-            who = f" as user {creds.name or creds.uid}" if creds else ""
-            raise SpawnError(
-                e.errno,
-                f"cannot run {argv[0]!r}{who}: permission denied "
-                "(check the file's mode and every directory above it)",
-            ) from e
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+            if cwd is not None and e.filename == cwd:
+                # CPython reports a failed chdir(cwd) in the child with cwd as the
+                # filename: the directory is at fault, not the command.
+                who = f" as user {creds.name or creds.uid}" if creds else ""
+                raise SpawnError(
+                    f"cannot enter the working directory {cwd!r}{who}: {e.strerror} "
+                    "(check that it exists and that the job's user may enter it)"
+                ) from e
+            if isinstance(e, NotADirectoryError):
+                raise
+            raise _exec_error(e, argv[0], creds) from e
         except subprocess.SubprocessError as e:
             raise SpawnError(
                 f"the job could not enter its cage before exec ({e}); the cage's "
@@ -127,3 +152,18 @@ def spawn(
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _exec_error(e: OSError, program: str, creds: Credentials | None) -> SpawnError:
+    """ENOENT and EACCES from exec, with the errno the CLI maps to 127 and 126."""
+    if isinstance(e, FileNotFoundError):
+        return SpawnError(
+            e.errno,
+            f"cannot run {program!r}: no such file (check the path and the job's PATH)",
+        )
+    who = f" as user {creds.name or creds.uid}" if creds else ""
+    return SpawnError(
+        e.errno,
+        f"cannot run {program!r}{who}: permission denied "
+        "(check the file's mode and every directory above it)",
+    )

@@ -432,7 +432,7 @@ def test_cpu_limit_throttles_the_job_and_the_record_says_so(cage_config, cpus):
 
 @pytest.mark.parametrize("bad", [0, -1, "lots", True, float("inf")])
 def test_bad_cpu_limit_is_one_clear_error_and_nothing_built(cage_config, bad):
-    with pytest.raises(ConfigError, match="cpu limit"):
+    with pytest.raises(ConfigError, match="cpu_limit"):
         JobCage(unique("cpu"), cpu_limit=bad, config=cage_config)
 
 

@@ -89,6 +89,43 @@ def test_run_without_a_command_says_what_to_do(tmp_path):
     assert status == 125 and "after --" in err
 
 
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["run", "--pids"], 125),  # run's own codes leave the rest to the job's
+        (["run", "--batch", "pbs", "--", "true"], 125),
+        (["list", "--frobnicate"], 2),
+        (["stats"], 2),
+        (["frobnicate"], 2),
+    ],
+)
+def test_argument_errors_are_one_line(args, code):
+    status, out, err = run_main(args)
+    assert status == code and out == ""
+    assert err.count("\n") == 1 and err.startswith("jobcage: error: ") and "--help" in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--grace", "nan"),
+        ("--grace", "inf"),
+        ("--grace", "1e308"),
+        ("--pids", "1.5"),
+        ("--pids", str(10**7)),
+        ("--memory", "1e99"),
+        ("--campus", "2001:db8::/129"),
+    ],
+)
+def test_bad_run_flag_is_one_line_naming_it_before_anything_runs(tmp_path, flag, value):
+    marker = tmp_path / "ran"
+    status, _, err = run_main(
+        ["run", flag, value, "--state-dir", str(tmp_path / "state"), "--", "touch", str(marker)]
+    )
+    assert status == 125 and err.count("\n") == 1 and flag in err, err
+    assert not marker.exists() and not (tmp_path / "state").exists()
+
+
 # -- run: exit statuses --------------------------------------------------------------
 
 
@@ -153,6 +190,34 @@ def test_run_usage_to_stdout(cage_config):
 def test_run_missing_command_exits_127_and_leaves_nothing(cage_config):
     status, _, err = run_main(["run", *config_args(cage_config), "--", "/no/such/binary"])
     assert status == 127 and "no such file" in err and "Errno" not in err
+    assert list_json(cage_config) == {}
+
+
+@root
+def test_run_missing_cwd_exits_125_blaming_the_directory(cage_config, tmp_path):
+    missing = str(tmp_path / "no-such-dir")
+    status, _, err = run_main(["run", "--cwd", missing, *config_args(cage_config), "--", "true"])
+    assert status == 125 and "cwd" in err and missing in err and err.count("\n") == 1
+    assert list_json(cage_config) == {}
+
+
+@root
+def test_run_refuses_a_usage_file_it_could_not_write_before_running(cage_config, tmp_path):
+    marker = tmp_path / "ran"
+    for destination in (tmp_path / "no-such-dir" / "usage.jsonl", tmp_path):
+        status, _, err = run_main(
+            [
+                "run",
+                "--usage-file",
+                str(destination),
+                *config_args(cage_config),
+                "--",
+                "touch",
+                str(marker),
+            ]
+        )
+        assert status == 125 and "--usage-file" in err and err.count("\n") == 1, err
+        assert not marker.exists()
     assert list_json(cage_config) == {}
 
 

@@ -47,7 +47,7 @@ def test_a_second_installation_is_refused_and_the_first_keeps_working(
                 NetworkCage.create(f"{job_id}o{n}", other)
             text = str(refused.value)
             for config in (net_config, other):
-                assert config.address_pool in text, what
+                assert str(config.address_pool) in text, what
                 assert os.path.realpath(config.state_dir) in text, what
             # Nothing of the refused cage is left: its netns, its lease.
             assert not os.path.exists(f"/run/netns/jobcage-{job_id}o{n}"), what

@@ -35,13 +35,18 @@ from jobcage.network.netns import is_cage_veth
 from jobcage.network.resolv import plan_resolv_conf
 
 
+def parsed(*cidrs: str) -> tuple:
+    """Campus networks as the config hands them on: parsed."""
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
 def plan(campus=("192.0.2.0/24", "10.0.0.0/8"), allow_node_access=False):
     return cage_plan(
         cage_hash="0123456789ab",
         host_veth="jc0123456789abh",
         address=ipaddress.IPv4Address("100.64.0.6"),
         pool="100.64.0.0/16",
-        campus_networks=campus,
+        campus_networks=parsed(*campus),
         allow_node_access=allow_node_access,
     )
 
@@ -295,7 +300,7 @@ def test_record_round_trip(tmp_path):
         host_address=ipaddress.IPv4Interface("100.64.0.5/30"),
         lease_index=1,
         pool="100.64.0.0/16",
-        campus_networks=("192.0.2.0/24",),
+        campus_networks=parsed("192.0.2.0/24"),
         allow_node_access=True,
         state_dir=str(tmp_path),
     )
@@ -315,7 +320,7 @@ def test_bad_record_says_how_to_clean_up():
 
 def test_create_refuses_pool_overlapping_campus(tmp_path):
     config = Config(state_dir=str(tmp_path), address_pool="10.0.0.0/16")
-    with pytest.raises(ConfigError, match="overlaps the campus"):
+    with pytest.raises(ConfigError, match=r"address_pool 10\.0\.0\.0/16 overlaps campus_networks"):
         NetworkCage.create("j1", config, ["10.0.0.0/8"])
     assert not (tmp_path / "network").exists()
 

@@ -7,6 +7,7 @@ tests/test_network.py."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 
 import pytest
 
@@ -25,6 +26,11 @@ from jobcage.testing.networld import CAMPUS_HOST, SERVER_PORT
 from .conftest_network import run_in_cage
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
+
+
+def parsed(*cidrs: str) -> tuple:
+    """Campus networks as the config hands them on: parsed."""
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
 
 
 @pytest.fixture
@@ -51,7 +57,7 @@ def test_the_table_reads_back_as_the_layout(node, nft_config, job_id):
     cage = NetworkCage.create(job_id, nft_config)
     try:
         veth, own, pool = cage.host_veth, str(cage.address.ip), world_mod.POOL
-        nets, cages = campus_sets([world_mod.CAMPUS_NETWORK])
+        nets, cages = campus_sets(parsed(world_mod.CAMPUS_NETWORK))
         count = "counter name {}name map @JOBCAGE-{}"
         expected = {
             "JOBCAGE-FORWARD": [
@@ -109,7 +115,7 @@ def test_the_table_reads_back_as_the_layout(node, nft_config, job_id):
 
 
 def test_cages_of_one_campus_list_share_it_and_its_last_cage_removes_it(node, nft_config, job_id):
-    nets = campus_sets([world_mod.CAMPUS_NETWORK])[0]
+    nets = campus_sets(parsed(world_mod.CAMPUS_NETWORK))[0]
     other = ("198.18.0.0/15",)
     a = NetworkCage.create(job_id + "a", nft_config)
     b = NetworkCage.create(job_id + "b", nft_config)
@@ -120,7 +126,7 @@ def test_cages_of_one_campus_list_share_it_and_its_last_cage_removes_it(node, nf
         assert nfchannel.object_use("jobcage", "JOBCAGE-CAGES") == 3
         assert nfchannel.object_use("jobcage", nets) == 2
         c.destroy()  # the last of its list
-        assert campus_sets(other)[0] not in nft(node, "list", "table", "ip", "jobcage")
+        assert campus_sets(parsed(*other))[0] not in nft(node, "list", "table", "ip", "jobcage")
         assert len(body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))) == 1
         a.destroy()  # not the last of its list: the list stays, and still counts
         assert nfchannel.object_use("jobcage", nets) == 1
@@ -139,7 +145,7 @@ def test_reap_removes_a_campus_list_its_last_cage_left(node, nft_config, job_id)
     try:
         nfchannel.transact(cage_removal(gone.plan))  # its elements and counters, not the list
         orphans = [o for o in find_orphans(nft_config) if o.kind == "campus"]
-        assert [o.name for o in orphans] == [campus_sets(("198.18.0.0/15",))[0]]
+        assert [o.name for o in orphans] == [campus_sets(parsed("198.18.0.0/15"))[0]]
         remove_orphan(orphans[0], nft_config)
         assert [o for o in find_orphans(nft_config) if o.kind == "campus"] == []
         assert len(body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))) == 1
@@ -157,7 +163,7 @@ def test_the_shared_part_cannot_be_removed_under_a_cage(node, nft_config, job_id
     cage = NetworkCage.create(job_id, nft_config)
     try:
         before = nft(node, "-s", "list", "ruleset")
-        lists = [campus_sets([world_mod.CAMPUS_NETWORK])[0]]
+        lists = [campus_sets(parsed(world_mod.CAMPUS_NETWORK))[0]]
         with pytest.raises(core.NetlinkError) as refused:
             nfchannel.transact(shared_removal(lists))
         assert refused.value.errno == errno.EBUSY
@@ -234,7 +240,7 @@ def test_a_long_campus_list_is_one_set(node, nft_config, job_id):
     campus = [f"10.{i // 128}.{(i % 128) * 2}.0/24" for i in range(300)]
     cage = NetworkCage.create(job_id, nft_config, campus)
     try:
-        listing = nft(node, "list", "set", "ip", "jobcage", campus_sets(campus)[0])
+        listing = nft(node, "list", "set", "ip", "jobcage", campus_sets(parsed(*campus))[0])
         assert listing.count("/24") == 300
         assert len(body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))) == 1
     finally:
@@ -253,7 +259,7 @@ def test_a_cage_that_lost_the_race_to_make_a_campus_list_joins_it(node, monkeypa
             host_veth=f"jc{k:012x}h",
             address=f"100.64.0.{4 * k + 2}",
             pool=world_mod.POOL,
-            campus_networks=("198.18.0.0/15",),
+            campus_networks=parsed("198.18.0.0/15"),
             allow_node_access=False,
         )
 
@@ -270,8 +276,8 @@ def test_a_cage_that_lost_the_race_to_make_a_campus_list_joins_it(node, monkeypa
     monkeypatch.setattr(nfchannel, "set_exists", missing_once)
     try:
         firewall.install(plan(2), world_mod.POOL, uplink)
-        assert told == [campus_sets(("198.18.0.0/15",))[0]]
-        cages = campus_sets(("198.18.0.0/15",))[1]
+        assert told == [campus_sets(parsed("198.18.0.0/15"))[0]]
+        cages = campus_sets(parsed("198.18.0.0/15"))[1]
         rules = body(nft(node, "list", "chain", "ip", "jobcage", "JOBCAGE-FWD-TX-CAMPUS"))
         assert len(rules) == 1
         members = nft(node, "list", "map", "ip", "jobcage", cages)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import struct
 
 import pytest
@@ -34,13 +35,18 @@ from jobcage.network.firewall.nftables_layout import (
 from jobcage.network.firewall.policy import LAN_TX, cage_plan
 
 
+def parsed(*cidrs: str) -> tuple:
+    """Campus networks as the config hands them on: parsed."""
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
 def plan(campus=("192.0.2.0/24", "10.16.0.0/12"), allow_node_access=False):
     return cage_plan(
         cage_hash="0123456789ab",
         host_veth="jc0123456789abh",
         address="100.64.0.6",
         pool="100.64.0.0/16",
-        campus_networks=campus,
+        campus_networks=parsed(*campus),
         allow_node_access=allow_node_access,
     )
 
@@ -141,19 +147,19 @@ def test_dispatch_compares_the_jc_prefix_only():
 
 
 def test_a_campus_list_is_named_by_its_networks_whatever_their_order_or_overlap():
-    one = campus_sets(["10.16.0.0/12", "192.0.2.0/24"])
-    assert one == campus_sets(["192.0.2.0/24", "10.16.0.0/12", "10.17.0.0/16"])
-    assert one != campus_sets(["192.0.2.0/24"])
+    one = campus_sets(parsed("10.16.0.0/12", "192.0.2.0/24"))
+    assert one == campus_sets(parsed("192.0.2.0/24", "10.16.0.0/12", "10.17.0.0/16"))
+    assert one != campus_sets(parsed("192.0.2.0/24"))
     nets, cages = one
     assert nets.startswith(CAMPUS_PREFIX) and cages == nets + CAGES_SUFFIX
 
 
 def test_campus_ranges_are_a_start_and_an_end_flagged_as_such():
-    msgs = campus_list_messages(("10.16.0.0/12", "0.0.0.0/0"))
+    msgs = campus_list_messages(parsed("10.16.0.0/12", "0.0.0.0/0"))
     [elements] = [m for m in msgs if m.kind == nfnl.NFT_MSG_NEWSETELEM]
     # 0.0.0.0/0 swallows the rest: one range from 0.0.0.0 to the end, no end element.
     assert range_elements(elements) == [(bytes(4), False)]
-    msgs = campus_list_messages(("192.0.2.0/24",))
+    msgs = campus_list_messages(parsed("192.0.2.0/24"))
     kinds = [m.kind for m in msgs]
     assert kinds == [
         nfnl.NFT_MSG_NEWOBJ,  # the list's counter: its use count is the list's number of cages
@@ -220,7 +226,7 @@ def test_removal_drops_the_elements_before_the_counters_they_name():
 def test_the_shared_part_is_made_exclusively_and_removed_only_if_empty():
     made = shared_messages("100.64.0.0/16", "eth0")
     assert made[0].kind == nfnl.NFT_MSG_NEWTABLE and made[0].flags & core.NLM_F_EXCL
-    nets = campus_sets(["192.0.2.0/24"])[0]
+    nets = campus_sets(parsed("192.0.2.0/24"))[0]
     removal = shared_removal([nets])
     assert removal[-1].kind == nfnl.NFT_MSG_DELTABLE and removal[-1].flags & core.NLM_F_NONREC
     only_if_empty = {

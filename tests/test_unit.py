@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 
@@ -98,8 +99,9 @@ def test_veth_names_fit_ifnamsiz_and_differ():
         ("512M", 512 << 20),
         ("512MiB", 512 << 20),
         ("1048576", 1 << 20),
-        ("1.5k", 1536),
-        (4096, 4096),
+        ("1.5G", 3 << 29),
+        ("1.5m", 1536 << 10),
+        (4 << 20, 4 << 20),
         (None, None),
     ],
 )
@@ -107,7 +109,7 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["lots", "-1G", "0", "2X"])
+@pytest.mark.parametrize("text", ["lots", "-1G", "0", "2X", "1.5k", 4096, "1e99", "inf", 2**70])
 def test_parse_size_rejects(text):
     with pytest.raises(ConfigError):
         parse_size(text)
@@ -122,7 +124,7 @@ def test_config_precedence(tmp_path):
     config = load_config(str(path), env, state_dir="/from/cli")
     assert config.state_dir == "/from/cli"  # command line beats everything
     assert config.pids_limit == 20  # environment beats file
-    assert config.campus_networks == ("10.0.0.0/8",)  # file beats default
+    assert config.campus_networks == (ipaddress.IPv4Network("10.0.0.0/8"),)  # file beats default
     assert config.address_pool == Config().address_pool
 
 

@@ -109,8 +109,8 @@ def test_without_root_is_one_clear_error():
 
 @pytest.mark.root
 def test_bad_watch_config_builds_nothing(cage_config):
-    bad = cage_config.replace(watch_escape_action="explode")
-    with pytest.raises(ConfigError, match="explode"):
+    with pytest.raises(ConfigError, match="explode"):  # refused by the config itself
+        bad = cage_config.replace(watch_escape_action="explode")
         JobCage(unique("w"), config=bad, watch=True)
 
 

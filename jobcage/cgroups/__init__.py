@@ -194,12 +194,7 @@ def parent_path(own: str, config: Config) -> str:
     """The parent cgroup, relative to a hierarchy's mount point."""
     if config.cgroup_parent is None:
         return os.path.join(own, DEFAULT_CGROUP_PARENT_NAME)
-    if not config.cgroup_parent.startswith("/"):
-        raise ConfigError(
-            f"cgroup_parent {config.cgroup_parent!r} must be an absolute path inside the "
-            "cgroup hierarchy, e.g. /jobcage"
-        )
-    return os.path.normpath(config.cgroup_parent)
+    return config.cgroup_parent  # absolute and normalised by the config
 
 
 def open_backend(config: Config, hierarchies: Hierarchies | None = None) -> CgroupBackend:

@@ -114,8 +114,8 @@ class CageCgroup(ABC):
         """Freeze → SIGKILL every process → thaw → wait until empty.
 
         Frozen, the cage cannot fork, so one read of its pids is complete and a fork
-        storm cannot outrun the kill (a naive read-and-kill loop can, see
-        docs/teardown.md). If a task never finishes freezing, the wait is bounded and
+        storm cannot outrun the kill (a naive read-and-kill loop can, see "Teardown"
+        in docs/cage.md). If a task never finishes freezing, the wait is bounded and
         the protocol falls back to repeated kill passes until ``deadline``.
         """
         end = time.monotonic() + deadline

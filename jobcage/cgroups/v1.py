@@ -68,17 +68,14 @@ class CgroupV1Backend(CgroupBackend):
     def _controllers(
         self, memory_limit: int | None, pids_limit: int | None, cpu_limit: float | None
     ) -> list[str]:
-        wanted = list(dict.fromkeys(self.config.cgroup_controllers))
-        if pids_limit is not None and "pids" not in wanted:
-            wanted.append("pids")
-        if cpu_limit is not None and "cpu" not in wanted:
-            wanted.append("cpu")
+        # A limit brings its controller even when cgroup_controllers leaves it out.
         needed = (
-            {"freezer"}
-            | ({"memory"} if memory_limit else set())
-            | ({"pids"} if pids_limit is not None else set())
-            | ({"cpu"} if cpu_limit is not None else set())
+            ("freezer",)
+            + (("memory",) if memory_limit is not None else ())
+            + (("pids",) if pids_limit is not None else ())
+            + (("cpu",) if cpu_limit is not None else ())
         )
+        wanted = list(dict.fromkeys((*self.config.cgroup_controllers, *needed)))
         for c in needed:
             if c not in self.h.v1_mounts:
                 raise KernelFeatureError(
@@ -117,7 +114,7 @@ class CgroupV1Backend(CgroupBackend):
         return V1Cgroup({c: p for c, p in paths.items() if os.path.isdir(p)})
 
     def paths_for(self, name: str) -> dict[str, str]:
-        wanted = (*self.config.cgroup_controllers, "pids", "cpu")
+        wanted = (*self.config.cgroup_controllers, "memory", "pids", "cpu")
         return {c: os.path.join(self._parents[c], name) for c in wanted if c in self._parents}
 
     def remove_parent_if_empty(self) -> None:

@@ -20,7 +20,6 @@ from ..config import Config
 from ..errors import (
     CageExistsError,
     CageStateError,
-    ConfigError,
     JobCageError,
     NetworkError,
     RulesGoneError,
@@ -60,7 +59,7 @@ class NetworkCage:
     host_address: ipaddress.IPv4Interface
     lease_index: int
     pool: str
-    campus_networks: tuple[str, ...]
+    campus_networks: tuple[ipaddress.IPv4Network, ...]
     allow_node_access: bool
     state_dir: str
     resolv_conf_path: str | None = None
@@ -106,7 +105,11 @@ class NetworkCage:
 
     @classmethod
     def create(
-        cls, job_id: str, config: Config, campus_networks: Sequence[str] | None = None
+        cls,
+        job_id: str,
+        config: Config,
+        campus_networks: Sequence[str | ipaddress.IPv4Network | ipaddress.IPv6Network]
+        | None = None,
     ) -> NetworkCage:
         """Build the cage in the calling thread's network namespace (the node's).
 
@@ -114,20 +117,16 @@ class NetworkCage:
         KernelFeatureError or NetworkError; nothing is left behind then.
         """
         validate_job_id(job_id)
-        campus, campus6 = ipv6_mod.split_campus(
-            config.campus_networks if campus_networks is None else campus_networks
-        )
+        if campus_networks is not None:
+            # Checked like the config key (and against the pools) before anything.
+            config = config.replace(campus_networks=campus_networks)
+        # Each family's rules count against their own networks.
+        campus = tuple(n for n in config.campus_networks if n.version == 4)
+        campus6 = tuple(n for n in config.campus_networks if n.version == 6)
         pool = AddressPool(config.address_pool)
-        clash = pool.overlapping(campus)
-        if clash:
-            raise ConfigError(
-                f"address_pool {pool.network} overlaps the campus network(s) "
-                f"{', '.join(clash)}: replies to the jobs would be routed wrong; set "
-                "address_pool to a range used nowhere on campus"
-            )
         host_veth, _ = veth_names(job_id)
         firewall_backend = resolve_firewall(config.firewall)  # may refuse: before the lease
-        v6 = ipv6_mod.settings(config, campus6, firewall_backend)  # likewise
+        v6 = ipv6_mod.settings(config, firewall_backend)  # likewise
         lease, first = LeaseStore(config.state_dir, pool).acquire(
             job_id, lambda lease: netns.address_held(lease.job)
         )
@@ -345,7 +344,7 @@ class NetworkCage:
             "host_address": str(self.host_address),
             "lease_index": self.lease_index,
             "pool": self.pool,
-            "campus_networks": list(self.campus_networks),
+            "campus_networks": [str(n) for n in self.campus_networks],
             "allow_node_access": self.allow_node_access,
             "state_dir": self.state_dir,
             "resolv_conf_path": self.resolv_conf_path,
@@ -374,7 +373,8 @@ class NetworkCage:
                 host_address=ipaddress.IPv4Interface(record["host_address"]),
                 lease_index=int(record["lease_index"]),
                 pool=record["pool"],
-                campus_networks=tuple(record["campus_networks"]),
+                # A record is input: parsed here, where it is read.
+                campus_networks=tuple(map(ipaddress.IPv4Network, record["campus_networks"])),
                 allow_node_access=bool(record["allow_node_access"]),
                 state_dir=record.get("state_dir")
                 or (config.state_dir if config is not None else ""),

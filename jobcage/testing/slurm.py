@@ -38,6 +38,7 @@ NODE_ADDRESS = "127.0.0.1"
 
 SLURM_CONF = """\
 ClusterName=jct{suffix}
+FirstJobId={first_job_id}
 SlurmctldHost={node}({address})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
@@ -200,6 +201,8 @@ class Slurm:
             f.write(
                 SLURM_CONF.format(
                     suffix=self.suffix,
+                    # Job ids name the cages: overlapping runs must not share them.
+                    first_job_id=1000 + int(self.suffix, 16),
                     node=self.node,
                     address=NODE_ADDRESS,
                     ctld_port=self.ctld_port,

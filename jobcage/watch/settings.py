@@ -6,7 +6,7 @@ import ipaddress
 import math
 from dataclasses import dataclass
 
-from ..config import Config, parse_size
+from ..config import Config
 from ..errors import ConfigError
 from .detect import Policy
 
@@ -59,16 +59,7 @@ class WatchSettings:
             police=config.watch_police_action,
             fork_rate_per_second=_positive("watch_fork_rate", config.watch_fork_rate, "5000"),
         )
-        try:
-            buffer_bytes = parse_size(config.watch_buffer_size)
-        except ConfigError as e:
-            raise ConfigError(f"watch_buffer_size: {e}") from None
-        assert buffer_bytes is not None
-        if buffer_bytes < 4096 or buffer_bytes > 1 << 31:
-            raise ConfigError(
-                f"watch_buffer_size = {config.watch_buffer_size!r} is out of range; give "
-                "4K to 2G (32M holds about 40,000 events)"
-            )
+        buffer_bytes = config.watch_buffer_size  # bytes, 4K to 2G: parsed by the config
         address = config.watch_metrics_address
         return cls(
             policy=policy,

@@ -14,7 +14,7 @@ import time
 
 from . import common, kill, lifecycle
 
-SECTIONS = ("lifecycle", "kill", "network", "ipv6", "watch")
+SECTIONS = ("lifecycle", "kill", "network", "ipv6", "watch", "process")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         result["netns_suffix"] = world.RUN_SUFFIX
         with world.node("nftables", ipv6=True) as node:
             result["ipv6"] = ipv6.run(node, quick=args.quick)
+    if "process" in sections:
+        from . import process
+
+        result["process"] = process.run(runs=2 if args.quick else 15)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
@@ -115,6 +119,10 @@ def markdown(result: dict) -> str:
                 f"{ck.get('median_ms', 'n/a')} | {e.get('jobcage_vs_cgroup_kill', 'n/a')} |"
             )
         lines.append("")
+    if "process" in result:
+        from .process import markdown as process_markdown
+
+        lines += process_markdown(result["process"])
     if "watch" in result:
         from .watch import markdown as watch_markdown
 

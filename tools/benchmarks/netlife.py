@@ -47,7 +47,7 @@ def _plan(veth: str, job: ipaddress.IPv4Interface):
         host_veth=veth,
         address=job.ip,
         pool=networld.POOL,
-        campus_networks=(networld.CAMPUS_NETWORK,),
+        campus_networks=(ipaddress.IPv4Network(networld.CAMPUS_NETWORK),),
         allow_node_access=False,
     )
 

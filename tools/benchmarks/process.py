@@ -193,6 +193,22 @@ def run(runs: int, network: bool = True) -> dict:
     return result
 
 
+def markdown(result: dict) -> list[str]:
+    lines = [
+        "### Whole process: `jobcage run` against shell recipes (fresh processes), ms",
+        "",
+        "| row | JobCage | recipe | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
+    for row, figures in result.items():
+        mine, recipe = (v for k, v in figures.items() if isinstance(v, dict))
+        lines.append(
+            f"| {row} | {mine['median_ms']} | {recipe['median_ms']} | "
+            f"{figures['ratio']}x | {figures['target']}x |"
+        )
+    return [*lines, ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.benchmarks.process", description=__doc__

@@ -78,6 +78,8 @@ from .policy import (
     CagePlan,
 )
 
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 TABLE = "jobcage"
 TABLE_LABEL = f"ip {TABLE}"  # how `nft list` and records name it
 FORWARD_CHAIN = "JOBCAGE-FORWARD"
@@ -149,14 +151,14 @@ def all_counter_names(cage: CagePlan) -> dict[str, str]:
     return {cls: cage.chain_name(suffix) for cls, suffix in COUNTER_SUFFIXES.items()}
 
 
-def campus_sets(networks: Sequence[str]) -> tuple[str, str]:
+def campus_sets(networks: Sequence[_Network]) -> tuple[str, str]:
     """(networks, cages) set names of a campus list: the same list, in any order and
     with overlaps merged, has the same names, so cages with the same list share them."""
     return _campus_sets(tuple(networks))
 
 
 @functools.lru_cache(maxsize=64)
-def _campus_sets(networks: tuple[str, ...]) -> tuple[str, str]:
+def _campus_sets(networks: tuple[_Network, ...]) -> tuple[str, str]:
     # Asked at each install and removal: the merge and the hash are done once a list.
     canonical = ",".join(str(n) for n in _collapsed(networks))
     name = CAMPUS_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -169,14 +171,15 @@ def version_of(text: str) -> int:
     return ipaddress.ip_network(text, strict=False).version
 
 
-def _collapsed(networks: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+def _collapsed(networks: Sequence[_Network]) -> list[_Network]:
     # A range set takes no overlapping elements; merged, the list matches the same.
-    # A list is of one family (a cage's campus networks are split by family).
-    return list(ipaddress.collapse_addresses(ipaddress.ip_network(n) for n in networks))
+    # A list is of one family (a cage's campus networks are split by family), parsed
+    # once by the config.
+    return list(ipaddress.collapse_addresses(networks))  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=16)
-def campus_list_messages(networks: tuple[str, ...]) -> tuple[Request, ...]:
+def campus_list_messages(networks: tuple[_Network, ...]) -> tuple[Request, ...]:
     """A campus list's two sets, its counter and the two rules that count its cages'
     LAN traffic. Made by the list's first cage, removed by its last (a rule change
     makes the kernel check the table: cheap once per list, not per cage)."""

@@ -227,7 +227,8 @@ class CagePlan:
     host_veth: str
     address: str  # the job's address, without prefix length
     pool: str
-    campus_networks: tuple[str, ...]
+    # Parsed once, by the config (or a record's reader): one family, per plan.
+    campus_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     allow_node_access: bool
     # The installation whose shared rules this cage needs (installation_owner).
     owner: str = ""
@@ -246,14 +247,17 @@ class CagePlan:
             # Cage to cage: a job never reaches another job (the other cage's FRX chain
             # would drop it too). REJECT so the job fails at once, not at its timeout.
             RuleSpec("REJECT", destination=self.pool, reject_with="icmp-admin-prohibited"),
-            *(RuleSpec("ACCEPT", destination=net, counts=LAN_TX) for net in self.campus_networks),
+            *(
+                RuleSpec("ACCEPT", destination=str(net), counts=LAN_TX)
+                for net in self.campus_networks
+            ),
             RuleSpec("ACCEPT", counts=WAN_TX),
         ]
         # Inbound: only replies to what the job opened. In FORWARD the reply has been
         # de-NATed already (conntrack, PREROUTING), so its source is the far host.
         fwd_rx = [
             *(
-                RuleSpec("ACCEPT", source=net, ctstate=ESTABLISHED, counts=LAN_RX)
+                RuleSpec("ACCEPT", source=str(net), ctstate=ESTABLISHED, counts=LAN_RX)
                 for net in self.campus_networks
             ),
             RuleSpec("ACCEPT", ctstate=ESTABLISHED, counts=WAN_RX),
@@ -301,7 +305,7 @@ def cage_plan(
     host_veth: str,
     address: ipaddress.IPv4Address | str,
     pool: str,
-    campus_networks: Iterable[str],
+    campus_networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
     allow_node_access: bool,
     state_dir: str | None = None,
 ) -> CagePlan:
@@ -312,7 +316,7 @@ def cage_plan(
         host_veth=host_veth,
         address=str(address),
         pool=pool,
-        campus_networks=tuple(str(ipaddress.ip_network(n)) for n in campus_networks),
+        campus_networks=tuple(campus_networks),
         allow_node_access=allow_node_access,
         owner=installation_owner(pool, state_dir) if state_dir else "",
     )
