@@ -71,7 +71,7 @@ CHILD = textwrap.dedent(
 
 
 def _child(config, mode: str, job_id: str, target: int, network: bool) -> subprocess.Popen:
-    campus = config.campus_networks[0] if config.campus_networks else ""
+    campus = str(config.campus_networks[0]) if config.campus_networks else ""
     return subprocess.Popen(
         [
             sys.executable,
@@ -83,7 +83,7 @@ def _child(config, mode: str, job_id: str, target: int, network: bool) -> subpro
             job_id,
             str(target),
             "1" if network else "0",
-            config.address_pool,
+            str(config.address_pool),
             campus,
             config.firewall,
         ],
