@@ -9,7 +9,7 @@ import pytest
 
 from jobcage import ConfigError
 from jobcage.config import load_config
-from jobcage.state import StateStore
+from jobcage.records import StateStore
 
 from .cli_support import run_main
 

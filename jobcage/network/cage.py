@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from ..errors import (
 )
 from ..ids import netns_name as make_netns_name
 from ..ids import validate_job_id, veth_names
+from ..records import StateStore
 from . import ipv6 as ipv6_mod
 from . import netns, resolv
 from .addresses import AddressPool, LeaseStore
@@ -42,8 +42,6 @@ from .firewall import (
 )
 from .firewall.policy import CagePlan, NetCounters, cage_plan
 from .restore import GapStore, restore_cage_rules
-
-RECORD_FORMAT = 1
 
 
 def _cage_hash(host_veth: str) -> str:
@@ -237,15 +235,17 @@ class NetworkCage:
 
     # -- teardown --------------------------------------------------------------------
 
-    def destroy(self) -> NetCounters | None:
+    def destroy(self, *, read_counters: bool = True) -> NetCounters | None:
         """Read the final counters, then remove everything; idempotent.
 
         Returns the final counters (None if they could not be read). On errors raises
         TeardownError after every step ran; its ``final_counters`` carries them too.
+        ``read_counters=False`` is for reap, when the owner died removing the cage and
+        its rules may be gone already: then their absence is no error.
         """
         if self._destroyed:
             return self._final
-        errors = self._teardown(read_counters=self._final is None)
+        errors = self._teardown(read_counters=read_counters and self._final is None)
         if errors:
             error = TeardownError(f"tearing down the network cage of {self.job_id} failed", errors)
             error.final_counters = self._final  # type: ignore[attr-defined]
@@ -336,7 +336,6 @@ class NetworkCage:
         """JSON-able: everything `jobcage reap` needs to remove this cage later."""
         plan = self.plan
         return {
-            "format": RECORD_FORMAT,
             "job_id": self.job_id,
             "netns_name": self.netns_name,
             "netns_path": self.netns_path,
@@ -362,7 +361,9 @@ class NetworkCage:
     def from_record(cls, record: dict[str, Any], config: Config | None = None) -> NetworkCage:
         """Rebuild the handle of a cage from its record, touching nothing."""
         try:
-            if record.get("format") != RECORD_FORMAT:
+            # The record's format is the store's (jobcage.records); a network part
+            # of format 1 carried its own, always 1.
+            if record.get("format", 1) != 1:
                 raise ValueError(f"unknown format {record.get('format')!r}")
             return cls(
                 job_id=record["job_id"],
@@ -445,20 +446,10 @@ def find_orphans(config: Config) -> list[Orphan]:
     known_veths: set[str] = set()
     known_hashes: set[str] = set()
     known_jobs: set[str] = set()
-    cages_dir = os.path.join(config.state_dir, "cages")
-    try:
-        names = os.listdir(cages_dir)
-    except FileNotFoundError:
-        names = []
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(cages_dir, name)) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            continue
-        job_id = record.get("job_id")
+    records, bad = StateStore(config.state_dir).scan()
+    # A bad record's job id (from its file name) is known too until reap sets it aside.
+    job_ids = [r.job_id for r in records] + [b.job_id for b in bad if b.job_id]
+    for job_id in job_ids:
         if isinstance(job_id, str):
             known_jobs.add(job_id)
             # A record claimed before the network part was built still owns the names.

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import JobCageError, NetworkError, RulesGoneError
 from ..ids import netns_name, validate_job_id, veth_names
+from ..records import StateStore
 from . import netns
 from .addresses import locked_file
 from .firewall import Firewall, open_firewall
@@ -166,18 +167,7 @@ def restore_lost(config: Config) -> tuple[list[str], list[str]]:
 
 
 def _network_records(state_dir: str) -> Iterator[dict[str, Any]]:
-    directory = os.path.join(state_dir, "cages")
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(directory, name), encoding="utf-8") as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and isinstance(record.get("network"), dict):
-            yield record["network"]
+    """The network parts of the records the store believes (its names checked)."""
+    for record in StateStore(state_dir).records():
+        if record.network is not None:
+            yield record.network.to_dict(record.job_id, state_dir)
