@@ -13,7 +13,8 @@ import functools
 import os
 from dataclasses import dataclass, field
 
-from ..config import DEFAULT_CGROUP_PARENT_NAME, Config
+from ..config import Config
+from ..config_values import DEFAULT_CGROUP_PARENT_NAME
 from ..errors import ConfigError, KernelFeatureError
 from .base import CageCgroup, CgroupStats, KillResult
 
