@@ -1,7 +1,7 @@
 """Looking at and acting on cages owned by other processes, from their records.
 
 ``jobcage list``, ``stats``, ``kill`` and ``reap`` run in a process that did not build
-the cage, so everything here starts from the on-disk record (see :mod:`jobcage.state`)
+the cage, so everything here starts from the on-disk record (see :mod:`jobcage.records`)
 and reopens the kernel objects it names: the cgroup directories through the backend
 that made them, the network side through ``NetworkCage.from_record``. Nothing is
 polled from /proc except the owner's liveness.
@@ -17,16 +17,10 @@ from typing import Any
 
 from .cgroups import CageCgroup, open_backend
 from .config import Config
-from .errors import CageStateError, JobCageError, NotRootError
+from .errors import CageStateError, JobCageError, NotRootError, RecordError
 from .ids import validate_job_id
-from .state import StateStore, owner_alive
+from .records import BadRecord, CageRecord, RecordState, StateStore, owner_alive
 from .usage import Usage
-
-# Record states written by JobCage (cage.py) and by the reaper.
-STATE_BUILDING = "building"
-STATE_BUILT = "built"
-STATE_TEARDOWN_FAILED = "teardown-failed"
-STATE_REAPING = "reaping"
 
 
 @dataclass(frozen=True)
@@ -49,15 +43,13 @@ class CageInfo:
     @property
     def status(self) -> str:
         """The one word an administrator acts on."""
-        if self.state == STATE_TEARDOWN_FAILED:
+        if self.state == RecordState.TEARDOWN_FAILED.value:
             return "teardown-failed"
         if not self.owner_alive:
             return "orphaned"
-        if self.state == STATE_REAPING:
-            return "reaping"
-        if self.state == STATE_BUILDING:
-            return "building"
-        return "running"
+        if self.state == RecordState.BUILT.value:
+            return "running"
+        return self.state  # building, tearing-down, reaping
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -65,45 +57,50 @@ class CageInfo:
         return out
 
 
-def record_cgroup_paths(record: dict[str, Any]) -> dict[str, str]:
-    cgroup = record.get("cgroup") or {}
-    paths = cgroup.get("paths") or {}
-    return {str(k): str(v) for k, v in paths.items()}
+def trusted_cgroup_paths(record: CageRecord, config: Config) -> dict[str, str]:
+    """The record's cgroup directories that JobCage itself would make for its job id.
 
-
-def record_address(record: dict[str, Any]) -> str | None:
-    network = record.get("network")
-    if isinstance(network, dict) and network.get("address"):
-        return str(network["address"])
-    return None
-
-
-def open_cage_cgroup(record: dict[str, Any], config: Config) -> CageCgroup | None:
-    """The cage's cgroup(s) as the record names them; None if no directory is left.
-
-    The backend is opened at the version the record was built with, whatever this
-    process's config says, since the directories are where the owner made them.
+    A record is input: one that names any other directory (a foreign cgroup, a
+    sibling's) is refused with RecordError, so that nothing is killed or removed on
+    its word. The backend is opened at the version the record was built with.
     """
-    paths = {c: p for c, p in record_cgroup_paths(record).items() if os.path.isdir(p)}
+    if record.cgroup is None:
+        return {}
+    backend = open_backend(config.replace(cgroup_version=str(record.cgroup.version)))
+    for controller, path in record.cgroup.paths.items():
+        if not backend.is_cage_dir(controller, path, record.job_id):
+            raise RecordError(
+                f"the record of job {record.job_id} names the cgroup {path}, which is not "
+                f"a JobCage cage directory (<parent>/{record.job_id} under "
+                f"{backend.parents().get(controller, 'its parent')}); it is left alone: "
+                "check it by hand"
+            )
+    return dict(record.cgroup.paths)
+
+
+def open_cage_cgroup(record: CageRecord, config: Config) -> CageCgroup | None:
+    """The cage's cgroup(s) as the record names them (checked); None if none is left."""
+    paths = {c: p for c, p in trusted_cgroup_paths(record, config).items() if os.path.isdir(p)}
     if not paths:
         return None
-    version = (record.get("cgroup") or {}).get("version")
-    if version is None:
-        version = 2 if "unified" in paths else 1
-    backend = open_backend(config.replace(cgroup_version=str(version)))
+    assert record.cgroup is not None
+    backend = open_backend(config.replace(cgroup_version=str(record.cgroup.version)))
     return backend.open(paths)
 
 
-def open_network(record: dict[str, Any], config: Config) -> Any | None:
-    """``NetworkCage.from_record`` for a record with a network side, else None."""
-    if not record.get("network"):
+def open_network(record: CageRecord, config: Config) -> Any | None:
+    """``NetworkCage.from_record`` for a record with a network side, else None.
+
+    The part's names were checked against the job id when the record was read.
+    """
+    if record.network is None:
         return None
     from .network import NetworkCage  # imported late: cgroup-only nodes never need it
 
-    return NetworkCage.from_record(record["network"], config)
+    return NetworkCage.from_record(record.network.to_dict(record.job_id, config.state_dir), config)
 
 
-def _network_counters(records: list[dict[str, Any]], config: Config) -> dict[str, Any]:
+def _network_counters(records: list[CageRecord], config: Config) -> dict[str, Any]:
     """job id -> NetCounters of every networked record, in one read of the rules (a
     per-cage read would copy the whole table once per cage)."""
     cages = []
@@ -125,13 +122,18 @@ def _network_counters(records: list[dict[str, Any]], config: Config) -> dict[str
 
 
 def list_cages(config: Config) -> list[CageInfo]:
-    store = StateStore(config.state_dir)
+    return list_cages_and_bad(config)[0]
+
+
+def list_cages_and_bad(config: Config) -> tuple[list[CageInfo], list[BadRecord]]:
+    """Every cage with a record to believe, and the records that cannot be (reap sets
+    those aside; listing only reports them)."""
     now = time.time()
     out = []
-    records = list(store.records())
+    records, bad = StateStore(config.state_dir).scan()
     counters = _network_counters(records, config)
     for record in records:
-        job_counters = counters.get(str(record.get("job_id")))
+        job_counters = counters.get(record.job_id)
         processes = None
         try:
             cgroup = open_cage_cgroup(record, config)
@@ -139,26 +141,25 @@ def list_cages(config: Config) -> list[CageInfo]:
                 processes = len(cgroup.pids())
         except (OSError, JobCageError):
             processes = None
-        created = record.get("created_unix")
-        pid = record.get("owner_pid")
+        created = record.created_unix
         out.append(
             CageInfo(
-                job_id=str(record.get("job_id")),
-                state=str(record.get("state")),
-                owner_pid=pid if isinstance(pid, int) else None,
-                owner_alive=owner_alive(record),
+                job_id=record.job_id,
+                state=record.state.value,
+                owner_pid=record.owner.pid,
+                owner_alive=owner_alive(record.owner),
                 processes=processes,
-                age_seconds=round(now - created, 3) if isinstance(created, int | float) else None,
-                address=record_address(record),
-                cgroup_paths=record_cgroup_paths(record),
+                age_seconds=round(now - created, 3) if created is not None else None,
+                address=record.network.address if record.network else None,
+                cgroup_paths=dict(record.cgroup.paths) if record.cgroup else {},
                 network=dataclasses.asdict(job_counters) if job_counters is not None else None,
             )
         )
-    return out
+    return out, bad
 
 
 def usage_from_record(
-    record: dict[str, Any],
+    record: CageRecord,
     cgroup: CageCgroup | None,
     net_counters: Any | None,
     *,
@@ -175,10 +176,9 @@ def usage_from_record(
         fields.update(dataclasses.asdict(cgroup.stats()))
     if net_counters is not None:
         fields.update(dataclasses.asdict(net_counters))
-    created = record.get("created_unix")
     end = end_unix if end_unix is not None else time.time()
-    if isinstance(created, int | float):
-        fields["wall_seconds"] = round(end - created, 6)
+    if record.created_unix is not None:
+        fields["wall_seconds"] = round(end - record.created_unix, 6)
     fields.update(extra)
     return Usage.from_dict(fields)
 
@@ -189,7 +189,7 @@ def cage_stats(job_id: str, config: Config) -> Usage:
     cgroup = open_cage_cgroup(record, config)
     if cgroup is None:
         raise CageStateError(
-            f"cage {job_id} has a record but no cgroup (state {record.get('state')}); "
+            f"cage {job_id} has a record but no cgroup (state {record.state.value}); "
             "if its owner is dead, `jobcage reap` removes the record"
         )
     net = open_network(record, config)

@@ -14,6 +14,7 @@ first), remove the cgroups depth-first, then the record.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import ipaddress
@@ -33,8 +34,9 @@ from .errors import (
     TeardownError,
 )
 from .ids import validate_job_id
+from .records import CageRecord, CgroupPart, RecordState, StateStore
+from .records.model import network_part
 from .spawn import spawn as _spawn
-from .state import StateStore
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -113,7 +115,7 @@ class JobCage:
         self._backend: CgroupBackend | None = None
         self._cgroup: CageCgroup | None = None
         self._net: NetworkCage | None = None
-        self._record: dict[str, Any] | None = None
+        self._record: CageRecord | None = None
         self._started: float | None = None
         self._ended: float | None = None
         self._killed = 0
@@ -169,18 +171,11 @@ class JobCage:
         backend = open_backend(self.config)
         record = self._store.new_record(
             self.job_id,
-            cgroup={"version": backend.version, "paths": backend.paths_for(self.job_id)},
-            network=None,
-            limits={
-                "memory_bytes": self.memory_limit,
-                "pids": self.pids_limit,
-                "cpus": self.cpu_limit,
-            },
-            config={
-                "state_dir": self.config.state_dir,
-                "cgroup_version": backend.version,
-                "cgroup_parent": self.config.cgroup_parent,
-            },
+            cgroup=CgroupPart(backend.version, backend.paths_for(self.job_id)),
+            memory_limit_bytes=self.memory_limit,
+            pids_limit=self.pids_limit,
+            cpu_limit=self.cpu_limit,
+            cgroup_parent=self.config.cgroup_parent,
         )
         self._store.claim(record)
         self._record = record
@@ -192,21 +187,22 @@ class JobCage:
                 pids_limit=self.pids_limit,
                 cpu_limit=self.cpu_limit,
             )
-            record["cgroup"]["paths"] = self._cgroup.paths
+            record = record.replace(cgroup=CgroupPart(backend.version, self._cgroup.paths))
             if self.network:
                 self._store.save(record)
                 from .network import NetworkCage
 
                 self._net = NetworkCage.create(self.job_id, self.config)
-                record["network"] = self._net.to_record()
+                record = record.replace(network=network_part(self._net.to_record(), self.job_id))
             if self._watch_settings is not None:
                 from .watch import acquire
 
                 # Before any job process exists: its first fork is seen.
                 self._watcher = acquire(self._watch_settings)
                 self._watcher.watch_cage(self.job_id, self._cgroup.paths, owner_pid=os.getpid())
-            record["state"] = "built"
+            record = record.replace(state=RecordState.BUILT)
             self._store.save(record)
+            self._record = record
         except BaseException:
             self._rollback()
             raise
@@ -367,6 +363,9 @@ class JobCage:
             # until `jobcage reap` finds the processes gone. Counted up to now.
             net_counters = _collect(errors, self._net.counters)
         elif self._net is not None:
+            # Said before anything goes: a reaper finding the owner dead from here on
+            # knows the rules (and their counters) may already be gone.
+            self._save_state(RecordState.TEARING_DOWN)
             try:
                 net_counters = self._net.destroy()
             except TeardownError as e:
@@ -385,10 +384,10 @@ class JobCage:
         if not errors and self._surviving == 0:
             self._store.remove(self.job_id)
         elif self._record is not None:
-            self._record["state"] = "teardown-failed"
-            if self.final_usage is not None:
-                self._record["final_usage"] = self.final_usage.to_dict()
-            _collect(errors, self._store.save, self._record)
+            record = self._record.replace(
+                state=RecordState.TEARDOWN_FAILED, final_usage=self.final_usage
+            )
+            _collect(errors, self._store.save, record)
         self._state = State.DESTROYED
         if self._surviving:
             errors.append(
@@ -401,6 +400,14 @@ class JobCage:
         if errors:
             raise TeardownError(f"tearing down cage {self.job_id} failed", errors)
         return self.final_usage
+
+    def _save_state(self, state: RecordState) -> None:
+        if self._record is None:
+            return
+        self._record = self._record.replace(state=state)
+        # Only a hint for reap: teardown goes on even where the state dir is full.
+        with contextlib.suppress(JobCageError):
+            self._store.save(self._record)
 
     def _stop_watching(self) -> None:
         """The watcher's final figures for this cage, every queued event applied."""

@@ -384,7 +384,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from . import admin
 
-    cages = admin.list_cages(_config(args))
+    cages, bad = admin.list_cages_and_bad(_config(args))
+    for record in bad:
+        _warn(f"{record}; `jobcage reap` moves it aside")
     if args.json:
         for cage in cages:
             print(json.dumps(cage.to_dict(), separators=(",", ":")))
@@ -455,9 +457,9 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 
 def cmd_reap(args: argparse.Namespace) -> int:
-    from . import reap
+    from . import recovery
 
-    report = reap.reap(_config(args), dry_run=args.dry_run)
+    report = recovery.reap(_config(args), dry_run=args.dry_run)
     if args.json:
         print(json.dumps(report.to_dict(), separators=(",", ":")))
     else:
@@ -474,6 +476,8 @@ def cmd_reap(args: argparse.Namespace) -> int:
             print(what)
         if not report.cages:
             print(f"nothing to reap ({report.live} live cage(s) left alone)")
+    for aside in report.set_aside:
+        _warn(str(aside))
         for job_id in report.restored:
             print(
                 f"restored the rules of {job_id} (gone: a firewall reload?); its usage has a gap"

@@ -18,9 +18,10 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .cgroups import Hierarchies, open_backend, probe
+from .cgroups import CgroupBackend, Hierarchies, open_backend, probe
 from .config import Config
 from .errors import JobCageError
+from .records import StateStore
 
 COMMAND_TIMEOUT_SECONDS = 10.0
 
@@ -221,11 +222,9 @@ def _swap_check(version: int, h: Hierarchies) -> Check:
     )
 
 
-def _parent_check(config: Config, backend: object) -> Check:
+def _parent_check(config: Config, backend: CgroupBackend) -> Check:
     name = "cgroup parent"
-    parents = list(getattr(backend, "parents", {}).values())
-    if getattr(backend, "parent", None):
-        parents.append(backend.parent)  # type: ignore[attr-defined]
+    parents = list(backend.parents().values())
     missing = [p for p in parents if not os.path.isdir(os.path.dirname(p))]
     if missing:
         return Check(
@@ -265,6 +264,14 @@ def check_state_dir(config: Config) -> Check:
             Status.FAIL,
             f"{probe_path} is not writable: run as root or set state_dir to a writable "
             "local directory",
+        )
+    unsafe = StateStore(path).unsafe_reason()
+    if unsafe:
+        return Check(
+            name,
+            Status.FAIL,
+            f"{unsafe}: another user could make `jobcage reap` kill and remove what its "
+            f"records name; chown root and chmod 755 it",
         )
     if probe_path != path:
         return Check(name, Status.OK, f"{path} will be created (under {probe_path})")

@@ -15,6 +15,8 @@ are translated at the backend edge with ``raise ... from`` so the cause stays vi
     ├── AddressPoolExhaustedError  every address of the pool is taken
     ├── SpawnError             the job could not be started (bad user, missing binary)
     ├── NetworkError           building or removing the network side failed
+    ├── StateDirError          the state dir cannot be written, or others could write it
+    ├── RecordError            a cage record that cannot be believed; it is set aside
     │   └── RulesGoneError     a cage's rules are gone (nft flush ruleset, a reload)
     ├── TeardownError          teardown finished with errors; lists each
     ├── MissingExtraError      an optional dependency (a pip extra) is not installed
@@ -70,6 +72,18 @@ class NetworkError(JobCageError):
     pass
 
 
+class StateDirError(JobCageError):
+    pass
+
+
+class RecordError(JobCageError):
+    """A record that fails validation; the text says why (its path is added by the store)."""
+
+
+class NewerRecordError(RecordError):
+    """A record of a format newer than this JobCage reads: left alone, not set aside."""
+
+
 class RulesGoneError(NetworkError):
     """A cage's rules or counters are gone from the node's firewall (`nft flush
     ruleset`, a firewall reload): what passed since is uncounted, and unfiltered."""
@@ -105,4 +119,9 @@ class TransferError(JobCageError):
 
 
 class FetchError(JobCageError):
-    pass
+    """``failures``: one line per failed try, in order (the message keeps the last of
+    each route)."""
+
+    def __init__(self, message: str, failures: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.failures = failures

@@ -108,7 +108,7 @@ def fetch(
         dest = os.path.join(dest, os.path.basename(urlsplit(url).path) or "index.html")
     directory = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(directory):
-        raise FetchError(f"destination directory {directory} does not exist: create it first")
+        raise ConfigError(f"destination directory {directory} does not exist: create it first")
     import requests
 
     failures: list[str] = []
@@ -129,7 +129,8 @@ def fetch(
                     failures.append(f"{_label(route)}: {e}")
                     break
                 return Fetched(os.path.abspath(dest), size, route, x_cache, tuple(failures))
-    raise FetchError(f"{url}: every route failed: " + "; ".join(_last_per_route(failures)))
+    last = "; ".join(_last_per_route(failures))
+    raise FetchError(f"{url}: every route failed: {last}", tuple(failures))
 
 
 def _try(session, url, dest, sha256, timeout, progress) -> tuple[int, str | None]:

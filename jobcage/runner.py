@@ -31,7 +31,7 @@ from .config import Config, check_value
 from .errors import ConfigError, JobCageError, SpawnError
 from .ids import validate_job_id
 from .spawn import resolve_user
-from .usage import Usage
+from .usage import USAGE_FORMAT, Usage
 
 FORWARDED_SIGNALS = (
     signal.SIGTERM,
@@ -46,7 +46,6 @@ STOPPING_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 # thread, not the parent process, may be what exited.
 PARENT_DEATH_SIGNAL = signal.SIGRTMIN + 2
 PR_SET_PDEATHSIG = 1
-RECORD_FORMAT = 1
 
 
 def generate_job_id(now: float | None = None) -> str:
@@ -83,7 +82,7 @@ class RunResult:
     def to_record(self) -> dict[str, Any]:
         """The usage record, as written one JSON line per job."""
         return {
-            "format": RECORD_FORMAT,
+            "format": USAGE_FORMAT,
             "job_id": self.job_id,
             "host": os.uname().nodename,
             "exit_status": self.exit_status,

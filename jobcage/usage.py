@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+# The format of a usage document (`jobcage run --usage-file`, a reaped cage's bill).
+USAGE_FORMAT = 1
+
 
 @dataclass(frozen=True)
 class Usage:

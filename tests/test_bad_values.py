@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobcage import Config, JobCage, JobCageError
-from jobcage.config import (
+from jobcage.config_values import (
     CPUS_MAX,
     CPUS_MIN,
     GRACE_MAX_SECONDS,

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from jobcage.cli import main
+from jobcage.records import StateStore
 from jobcage.runner import exit_status, generate_job_id
-from jobcage.state import StateStore
 
 from .cli_support import (
     JOBCAGE,

@@ -9,7 +9,7 @@ import pytest
 
 from jobcage import ConfigError
 from jobcage.config import load_config
-from jobcage.state import StateStore
+from jobcage.records import StateStore
 
 from .cli_support import run_main
 
@@ -202,7 +202,7 @@ def test_a_binary_config_file_is_one_clear_error(tmp_path):
 
 
 def test_maxima_are_accepted_and_one_past_them_refused():
-    from jobcage.config import GRACE_MAX_SECONDS, MEMORY_MAX_BYTES, PIDS_MAX
+    from jobcage.config_values import GRACE_MAX_SECONDS, MEMORY_MAX_BYTES, PIDS_MAX
 
     edge = load_config(
         None, {}, memory_limit=MEMORY_MAX_BYTES, pids_limit=PIDS_MAX, grace_seconds=0

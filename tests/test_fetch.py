@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from jobcage import JobCage
 from jobcage import fetch as fetch_mod
 from jobcage.cli import main
+from jobcage.config import Config
 from jobcage.errors import ConfigError, FetchError
 from jobcage.testing.networld import (
     CAMPUS_NETWORK,
@@ -60,6 +61,7 @@ def test_routes_cache_first_from_the_osg_variable_else_http_proxy():
         ([f"{ORIGIN}/bytes/1", "d", "--sha256", "abc"], "64 hexadecimal"),
         ([f"{ORIGIN}/bytes/1", "d", "--attempts", "0"], "1 to 10"),
         ([f"{ORIGIN}/bytes/1", "d", "--timeout", "-1"], "out of range"),
+        ([f"{ORIGIN}/bytes/1", "no/such/dir/d"], "does not exist"),
     ],
 )
 def test_bad_arguments_are_one_clear_error_and_touch_nothing(argv, match, tmp_path, capsys):
@@ -160,6 +162,22 @@ def test_broken_answers_are_refused_and_leave_nothing(squid, tmp_path, path, sha
 
 @pytest.mark.root
 @pytest.mark.network
+def test_retries_are_bounded_per_route(squid, tmp_path):
+    # nothing listens on port 9 of the internet host: squid answers 503, direct is refused
+    with pytest.raises(FetchError) as info:
+        fetch_mod.fetch(
+            f"http://{INTERNET_HOST}:9/x", str(tmp_path / "x"), environ=squid_env(squid), **FAST
+        )
+    tries = info.value.failures
+    attempts = fetch_mod.DEFAULT_ATTEMPTS
+    assert len(tries) == 2 * attempts, tries
+    assert all(f"cache {squid.url}: HTTP 503" in t for t in tries[:attempts]), tries
+    assert all(t == "direct: connection refused" for t in tries[attempts:]), tries
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.root
+@pytest.mark.network
 def test_a_body_without_length_passes_with_its_checksum(squid, tmp_path):
     size = MiB
     got = fetch_via(squid, f"nolength/{size}", tmp_path / "f", sha256=sha(size))
@@ -198,34 +216,44 @@ def test_cli_quiet_on_success_one_line_when_every_route_failed(squid, tmp_path):
     assert not dest.exists() and no_temp_files(tmp_path)
 
 
+def jobcage_run_fetch(squid, cages: Config, url: str, dest: Path, env: dict[str, str]) -> dict:
+    """``jobcage run --network -- jobcage fetch URL DEST`` on the node, as a job wrapper
+    would run it; the usage of the record it writes."""
+    record = dest.with_suffix(".usage.json")
+    settings = {
+        "allow_node_access": "true",
+        "address_pool": POOL,
+        "campus_networks": CAMPUS_NETWORK,
+    }
+    argv = [sys.executable, "-m", "jobcage.cli", "run", "--network", "--usage-file", str(record)]
+    argv += ["--state-dir", cages.state_dir, "--cgroup-parent", cages.cgroup_parent]
+    argv += [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    argv += ["--", sys.executable, "-m", "jobcage.cli", "fetch", url, str(dest)]
+    world = squid.world
+    done = world.exec_in(world.node, argv, check=False, env={**os.environ, **env}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (line,) = record.read_text().splitlines()
+    written = json.loads(line)
+    assert written["exit_status"] == 0
+    return written["usage"]
+
+
 @pytest.mark.root
 @pytest.mark.network
 def test_fetch_in_a_cage_through_the_node_squid_costs_no_wan(squid, cage_config, tmp_path):
-    """Job -> node squid is LAN traffic (allow_node_access); a HIT costs no WAN bytes,
-    the same file fetched directly costs its size in WAN bytes."""
+    """Job -> node squid is LAN traffic (allow_node_access): the usage record of a job
+    whose input was a cache HIT shows no WAN bytes; fetched directly, its size in WAN.
+    (One firewall backend: the accounting of both is proven in test_network.)"""
     size = 4 * MiB
     url = f"{ORIGIN}/bytes/{size}"
     fetch_mod.fetch(url, str(tmp_path / "warm"), environ=squid_env(squid), **FAST)  # a MISS
-    config = cage_config.replace(
-        campus_networks=(CAMPUS_NETWORK,), address_pool=POOL, allow_node_access=True
-    )
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).parent.parent)}
-    argv = [sys.executable, "-m", "jobcage.cli", "fetch", url]
-    with JobCage("fetch" + squid.world.suffix, network=True, config=config) as cage:
-        cached = cage.spawn(
-            [*argv, str(tmp_path / "cached")],
-            env={**env, **squid_env(squid)},
-            stderr=subprocess.PIPE,
-        )
-        assert cached.wait() == 0, cached.stderr.read()
-        cached.stderr.close()
-        via_cache = cage.usage()
-        direct = cage.spawn([*argv, str(tmp_path / "direct")], env=env)
-        assert direct.wait() == 0
-        total = cage.usage()
-    assert via_cache.net_lan_rx_bytes >= size
-    assert via_cache.net_wan_rx_bytes + via_cache.net_wan_tx_bytes < 16 * 1024
-    assert total.net_wan_rx_bytes - via_cache.net_wan_rx_bytes >= size
+    env = {"PYTHONPATH": str(Path(__file__).parent.parent)}
+    via_squid = {**env, **squid_env(squid)}
+    cached = jobcage_run_fetch(squid, cage_config, url, tmp_path / "cached", via_squid)
+    direct = jobcage_run_fetch(squid, cage_config, url, tmp_path / "direct", env)
+    assert cached["net_lan_rx_bytes"] >= size
+    assert cached["net_wan_rx_bytes"] + cached["net_wan_tx_bytes"] < 16 * 1024
+    assert direct["net_wan_rx_bytes"] >= size and direct["net_lan_rx_bytes"] < 16 * 1024
     assert (tmp_path / "cached").read_bytes() == (tmp_path / "direct").read_bytes()
     squid.stop()
     assert squid.access_log()[-1].split()[3].startswith("TCP_MEM_HIT/200")

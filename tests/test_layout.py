@@ -13,10 +13,10 @@ MAX_LINES = 520
 # Known and open: jobcage.cgroups (its __init__ and v1, v2, caller import each other);
 # its engineer is still changing it. Remove this once that circle is gone.
 OUT_OF_SCOPE = ("jobcage.cgroups",)
-# Known and open: jobcage/config.py (619 lines when this test came), grown by the
-# typed config its engineer is still landing; to be split by responsibility, then
-# removed from here.
-TOO_LONG_FOR_NOW = {"jobcage.config"}
+# Known and open (each line removed by whoever splits that module):
+TOO_LONG_FOR_NOW = {
+    "jobcage.cli",  # cli.py: split by the lead's overhead work
+}
 
 
 def _modules() -> dict[str, tuple[pathlib.Path, list[str]]]:

@@ -40,6 +40,8 @@ from jobcage.network import resolv as resolv_mod
 from jobcage.network.firewall import xtables as firewall_mod
 from jobcage.network.firewall import xtables_iptc
 from jobcage.network.firewall.nftables import NftablesFirewall
+from jobcage.records import StateStore
+from jobcage.records.model import network_part
 from jobcage.testing import networld as world_mod
 from jobcage.testing.networld import (
     CAMPUS_HOST,
@@ -448,12 +450,10 @@ def test_find_orphans_lists_what_has_no_record(node, net_config, job_id):
         # x_tables: the cage's chains; nftables: its counters (JC-<hash>-...).
         assert any(k == "chain" and n.startswith(f"JC-{cage.plan.cage_hash}-") for k, n in kinds)
         assert ("lease", str(cage.lease_index)) in kinds
-        records = os.path.join(net_config.state_dir, "cages")
-        os.makedirs(records, exist_ok=True)
-        with open(os.path.join(records, f"{job_id}.json"), "w") as f:
-            json.dump({"job_id": job_id, "network": cage.to_record()}, f)
+        store = StateStore(net_config.state_dir)
+        store.claim(store.new_record(job_id, network=network_part(cage.to_record(), job_id)))
         assert mine(find_orphans(net_config), job_id) == []
-        os.unlink(os.path.join(records, f"{job_id}.json"))
+        store.remove(job_id)
     finally:
         cage.destroy()
 

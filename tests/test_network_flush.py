@@ -23,7 +23,7 @@ from jobcage.network import netns as netns_mod
 from jobcage.network.firewall import xtables as firewall_mod
 from jobcage.network.firewall.nftables import NftablesFirewall
 from jobcage.network.restore import restore_lost
-from jobcage.reap import reap
+from jobcage.recovery import reap
 from jobcage.testing import networld as world_mod
 from jobcage.testing.networld import INTERNET_HOST, SERVER_PORT, wait_until
 

@@ -24,7 +24,7 @@ from jobcage.cgroups.v1 import V1Cgroup
 from jobcage.cgroups.v2 import V2Cgroup
 from jobcage.errors import TeardownError
 from jobcage.network import NetworkCage
-from jobcage.reap import reap
+from jobcage.recovery import reap
 from jobcage.testing import networld as world_mod
 from jobcage.testing.networld import CAMPUS_HOST, SERVER_PORT, wait_until
 

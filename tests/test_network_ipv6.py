@@ -430,7 +430,7 @@ def test_a_flush_puts_both_families_rules_back(make_cage, networld):
 def test_reap_puts_back_the_sysctls_a_killed_last_cage_left(node, net_config, job_id, monkeypatch):
     """The owner of the node's last IPv6 cage dies between removing ip6 jobcage and
     putting the sysctls back: reap does it (they stayed changed before)."""
-    from jobcage.reap import reap
+    from jobcage.recovery import reap
 
     cage = NetworkCage.create(job_id, net_config)
     assert sysctl("net.ipv6.conf.all.forwarding") == "1"

@@ -627,8 +627,8 @@ def test_reap_keeps_a_lease_while_another_object_of_its_job_is_left(tmp_path, mo
     """Leases are released last in a reap pass; a job whose chain would not go keeps
     its lease (and so its chain stays this state dir's orphan for the next pass)."""
     from jobcage import network
-    from jobcage.reap import _reap_orphan_network
-    from jobcage.state import StateStore
+    from jobcage.records import StateStore
+    from jobcage.recovery.remove import reap_orphan_network
 
     config = Config(state_dir=str(tmp_path / "state"), address_pool="100.64.0.0/16")
     store = LeaseStore(config.state_dir, AddressPool(config.address_pool))
@@ -652,7 +652,7 @@ def test_reap_keeps_a_lease_while_another_object_of_its_job_is_left(tmp_path, mo
         removed.append(orphan.name)
 
     monkeypatch.setattr(network, "remove_orphan", remove_orphan)
-    reaped = _reap_orphan_network(StateStore(config.state_dir), config, dry_run=False)
+    reaped = reap_orphan_network(StateStore(config.state_dir), config, dry_run=False)
     assert store.held() == {stuck.index: "j1"}
     assert removed == [f"JC-{h2}-LAN-TX", str(fine.index)]
     [kept] = [c for c in reaped if c.job_id == "j1" and not c.removed]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from jobcage import JobCage
-from jobcage.admin import record_cgroup_paths
+from jobcage import JobCage, Usage
 from jobcage.cgroups.base import read_pids
-from jobcage.reap import STALE_CLAIM_SECONDS, reap
-from jobcage.state import StateStore
+from jobcage.records import RecordState, StateStore
+from jobcage.recovery import reap
 
 from .cli_support import (
     JOBCAGE,
@@ -55,7 +55,7 @@ def test_sigkilled_run_is_contained_listed_orphaned_and_reaped(cage_config):
     )
     assert ready(proc) == "ready"
     store = StateStore(cage_config.state_dir)
-    paths = record_cgroup_paths(store.load("crash.1"))
+    paths = dict(store.load("crash.1").cgroup.paths)
     pids = _cage_pids(paths)
     assert len(pids) == 3
 
@@ -174,30 +174,41 @@ def test_owner_killed_during_create_is_reaped_cleanly(cage_config):
     _sigkill_owner(owner)
     store = StateStore(cage_config.state_dir)
     record = store.load("half.1")
-    assert record["state"] == "building"
-    made = cgroup_dirs_exist(record_cgroup_paths(record))
+    assert record.state is RecordState.BUILDING
+    made = cgroup_dirs_exist(dict(record.cgroup.paths))
     assert made, "the owner had created cgroups before it died"
     assert list_json(cage_config)["half.1"]["status"] == "orphaned"
 
     report = reap(cage_config)
     assert [(c.job_id, c.reason, c.errors) for c in report.cages] == [("half.1", "owner-dead", [])]
-    assert cgroup_dirs_exist(record_cgroup_paths(record)) == []
+    assert cgroup_dirs_exist(dict(record.cgroup.paths)) == []
     assert store.records() == []
+    # No job ever ran in it (spawn comes after create): nothing to bill.
+    assert report.cages[0].usage_file is None
+    assert not os.path.exists(os.path.join(cage_config.state_dir, "usage"))
 
 
-def test_claimed_but_unwritten_record_is_left_while_fresh_and_reaped_when_stale(cage_config):
-    """An owner killed between the O_EXCL open and the write leaves an empty record."""
+def test_an_empty_record_is_set_aside_and_its_cage_reaped_as_unrecorded(cage_config):
+    """Records are linked into place complete: an empty one is damage, not a claim."""
+    cage = JobCage("empty.1", config=cage_config).create()
+    proc = cage.spawn(["sleep", "1000"])
     store = StateStore(cage_config.state_dir)
-    os.makedirs(store.cages_dir)
-    path = os.path.join(store.cages_dir, "empty.1.json")
-    open(path, "w").close()
-    assert reap(cage_config).cages == []  # may be an owner between open and write
-    assert os.path.exists(path)
-    old = os.stat(path).st_mtime - STALE_CLAIM_SECONDS - 1
-    os.utime(path, (old, old))
-    [reaped] = reap(cage_config).cages
-    assert reaped.job_id == "empty.1" and reaped.errors == []
-    assert store.records() == []
+    open(store.path("empty.1"), "w").close()
+    report = reap(cage_config)
+    [aside] = report.set_aside
+    assert aside.path == store.path("empty.1") and "not JSON" in aside.reason
+    assert os.path.dirname(aside.moved_to) == store.bad_dir
+    [reaped] = report.cages
+    assert (reaped.job_id, reaped.reason, reaped.killed, reaped.errors) == (
+        "empty.1",
+        "no-record",
+        1,
+        [],
+    )
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert store.records() == [] and os.listdir(store.cages_dir) == ["bad"]
+    shutil.rmtree(store.bad_dir)
+    cage._state = type(cage._state).DESTROYED
 
 
 def test_cgroup_without_a_record_is_removed_with_its_processes(cage_config):
@@ -231,9 +242,12 @@ def test_teardown_failed_record_is_reaped_even_with_a_live_owner(cage_config):
     proc = cage.spawn(["sleep", "1000"])
     store = StateStore(cage_config.state_dir)
     record = store.load("gaveup.1")
-    record["state"] = "teardown-failed"
-    record["final_usage"] = {"wall_seconds": 1.5, "processes_killed": 0}
-    store.save(record)
+    store.save(
+        record.replace(
+            state=RecordState.TEARDOWN_FAILED,
+            final_usage=Usage(wall_seconds=1.5, processes_killed=0),
+        )
+    )
     [reaped] = reap(cage_config).cages
     assert reaped.reason == "teardown-failed" and reaped.errors == []
     assert reaped.usage.wall_seconds == 1.5 and reaped.usage.processes_killed == 1

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from jobcage.admin import record_cgroup_paths
 from jobcage.cgroups.base import read_pids
 from jobcage.errors import CageExistsError
 from jobcage.ids import netns_name, veth_names
 from jobcage.network import NetworkCage
 from jobcage.network import netns as netns_mod
-from jobcage.reap import reap
-from jobcage.state import StateStore
+from jobcage.records import StateStore
+from jobcage.recovery import reap
 from jobcage.testing import networld as world_mod
 
 from .cli_support import (
@@ -51,8 +50,8 @@ def test_sigkilled_networked_run_is_reaped_completely(node, cage_config):
     assert ready(proc) == "ready"
     store = StateStore(config.state_dir)
     record = store.load(job)
-    paths = record_cgroup_paths(record)
-    netns_file = f"/run/netns/{record['network']['netns_name']}"
+    paths = dict(record.cgroup.paths)
+    netns_file = record.network.netns_path
     assert os.path.exists(netns_file)
     pids = read_pids([os.path.join(paths.get("freezer", paths.get("unified")), "cgroup.procs")])
     assert pids

@@ -13,7 +13,8 @@ import functools
 import os
 from dataclasses import dataclass, field
 
-from ..config import DEFAULT_CGROUP_PARENT_NAME, Config
+from ..config import Config
+from ..config_values import DEFAULT_CGROUP_PARENT_NAME
 from ..errors import ConfigError, KernelFeatureError
 from .base import CageCgroup, CgroupStats, KillResult
 
@@ -161,6 +162,33 @@ class CgroupBackend:
 
     def remove_parent_if_empty(self) -> None:
         raise NotImplementedError
+
+    def parents(self) -> dict[str, str]:
+        """controller (or "unified") -> the directory this backend makes cages in."""
+        raise NotImplementedError
+
+    def mounts(self) -> dict[str, str]:
+        """controller (or "unified") -> where its hierarchy is mounted."""
+        raise NotImplementedError
+
+    def is_cage_dir(self, controller: str, path: str, name: str) -> bool:
+        """Whether ``path`` is a directory JobCage itself would make for cage ``name``:
+        ``<parent>/<name>`` under this backend's parent, or under a parent named
+        ``jobcage`` (the default, the caller's own cgroup + jobcage/, so a reaper in
+        another cgroup than the batch system still knows its cages) in the hierarchy of
+        ``controller``. What a record names is checked with this before it is acted on.
+        """
+        if os.path.normpath(path) != path or os.path.basename(path) != name:
+            return False
+        parent = os.path.dirname(path)
+        if parent == self.parents().get(controller):
+            return True
+        mount = self.mounts().get(controller)
+        return (
+            mount is not None
+            and os.path.basename(parent) == DEFAULT_CGROUP_PARENT_NAME
+            and parent.startswith(mount.rstrip("/") + "/")
+        )
 
 
 def parent_path(own: str, config: Config) -> str:

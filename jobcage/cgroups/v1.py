@@ -58,7 +58,7 @@ class CgroupV1Backend(CgroupBackend):
                 f"(mount -t cgroup -o {missing[0]} cgroup /sys/fs/cgroup/{missing[0]}) or "
                 "use a cgroup v2 node (kernel option CONFIG_CGROUP_FREEZER)"
             )
-        self.parents = {
+        self._parents = {
             c: os.path.join(
                 hierarchies.v1_mounts[c], parent_path(hierarchies.v1_own[c], config).lstrip("/")
             )
@@ -96,9 +96,9 @@ class CgroupV1Backend(CgroupBackend):
         made: dict[str, str] = {}
         try:
             for c in self._controllers(memory_limit, pids_limit, cpu_limit):
-                path = os.path.join(self.parents[c], name)
+                path = os.path.join(self._parents[c], name)
                 if path not in made.values():  # cpu and cpuacct are often co-mounted
-                    mkdir_under_parent(self.parents[c], path)
+                    mkdir_under_parent(self._parents[c], path)
                 made[c] = path
             cg = V1Cgroup(made)
             cg.set_limits(memory_limit, pids_limit)
@@ -115,11 +115,17 @@ class CgroupV1Backend(CgroupBackend):
 
     def paths_for(self, name: str) -> dict[str, str]:
         wanted = (*self.config.cgroup_controllers, "memory", "pids", "cpu")
-        return {c: os.path.join(self.parents[c], name) for c in wanted if c in self.parents}
+        return {c: os.path.join(self._parents[c], name) for c in wanted if c in self._parents}
 
     def remove_parent_if_empty(self) -> None:
-        for parent in self.parents.values():
+        for parent in self._parents.values():
             rmdir_if_empty(parent)
+
+    def parents(self) -> dict[str, str]:
+        return dict(self._parents)
+
+    def mounts(self) -> dict[str, str]:
+        return dict(self.h.v1_mounts)
 
 
 class V1Cgroup(CageCgroup):

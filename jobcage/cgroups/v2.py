@@ -152,6 +152,12 @@ class CgroupV2Backend(CgroupBackend):
     def remove_parent_if_empty(self) -> None:
         rmdir_if_empty(self.parent)
 
+    def parents(self) -> dict[str, str]:
+        return {"unified": self.parent}
+
+    def mounts(self) -> dict[str, str]:
+        return {"unified": self.mount}
+
 
 class V2Cgroup(CageCgroup):
     version = 2
@@ -193,10 +199,6 @@ class V2Cgroup(CageCgroup):
 
     def pids(self) -> set[int]:
         return read_pids(os.path.join(d, "cgroup.procs") for d in subtree_dirs(self.path))
-
-    def _events(self) -> dict[str, int]:
-        text = read_file(self._file("cgroup.events"))
-        return {k: int(v) for k, v in (line.split() for line in text.splitlines())}
 
     def _wait_event(self, key: str, value: int, timeout: float) -> bool:
         """Block until cgroup.events shows ``key value``.

@@ -38,8 +38,6 @@ from .firewall import (
 from .firewall.policy import CagePlan, NetCounters, cage_plan
 from .gaps import GapStore, restore_cage_rules
 
-RECORD_FORMAT = 1
-
 
 def cage_hash(host_veth: str) -> str:
     return host_veth[2:-1]
@@ -235,15 +233,17 @@ class NetworkCage:
 
     # -- teardown --------------------------------------------------------------------
 
-    def destroy(self) -> NetCounters | None:
+    def destroy(self, *, read_counters: bool = True) -> NetCounters | None:
         """Read the final counters, then remove everything; idempotent.
 
         Returns the final counters (None if they could not be read). On errors raises
         TeardownError after every step ran; its ``final_counters`` carries them too.
+        ``read_counters=False`` is for reap, when the owner died removing the cage and
+        its rules may be gone already: then their absence is no error.
         """
         if self._destroyed:
             return self._final
-        errors = self._teardown(read_counters=self._final is None)
+        errors = self._teardown(read_counters=read_counters and self._final is None)
         if errors:
             error = TeardownError(f"tearing down the network cage of {self.job_id} failed", errors)
             error.final_counters = self._final  # type: ignore[attr-defined]
@@ -334,7 +334,6 @@ class NetworkCage:
         """JSON-able: everything `jobcage reap` needs to remove this cage later."""
         plan = self.plan
         return {
-            "format": RECORD_FORMAT,
             "job_id": self.job_id,
             "netns_name": self.netns_name,
             "netns_path": self.netns_path,
@@ -360,7 +359,9 @@ class NetworkCage:
     def from_record(cls, record: dict[str, Any], config: Config | None = None) -> NetworkCage:
         """Rebuild the handle of a cage from its record, touching nothing."""
         try:
-            if record.get("format") != RECORD_FORMAT:
+            # The record's format is the store's (jobcage.records); a network part
+            # of format 1 carried its own, always 1.
+            if record.get("format", 1) != 1:
                 raise ValueError(f"unknown format {record.get('format')!r}")
             return cls(
                 job_id=record["job_id"],

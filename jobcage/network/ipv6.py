@@ -33,7 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import DEFAULT_IPV6_POOL, Config
+from ..config import Config
+from ..config_values import DEFAULT_IPV6_POOL
 from ..errors import ConfigError, NetworkError
 from ..ids import veth_names
 from ..netlink import core, rtnl

@@ -4,7 +4,6 @@ which decides what to remove), and removing one of them."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ from ..config import Config
 from ..errors import JobCageError, NetworkError
 from ..ids import netns_name as make_netns_name
 from ..ids import veth_names
+from ..records import StateStore
 from . import ipv6 as ipv6_mod
 from . import netns, resolv
 from .addresses import AddressPool, LeaseStore
@@ -41,20 +41,10 @@ def find_orphans(config: Config) -> list[Orphan]:
     known_veths: set[str] = set()
     known_hashes: set[str] = set()
     known_jobs: set[str] = set()
-    cages_dir = os.path.join(config.state_dir, "cages")
-    try:
-        names = os.listdir(cages_dir)
-    except FileNotFoundError:
-        names = []
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(cages_dir, name)) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            continue
-        job_id = record.get("job_id")
+    records, bad = StateStore(config.state_dir).scan()
+    # A bad record's job id (from its file name) is known too until reap sets it aside.
+    job_ids = [r.job_id for r in records] + [b.job_id for b in bad if b.job_id]
+    for job_id in job_ids:
         if isinstance(job_id, str):
             known_jobs.add(job_id)
             # A record claimed before the network part was built still owns the names.

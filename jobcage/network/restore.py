@@ -4,7 +4,6 @@ counts, is :mod:`.gaps`'s (read there why and how)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 from ..config import Config
 from ..errors import JobCageError
 from ..ids import netns_name, validate_job_id, veth_names
+from ..records import StateStore
 from . import ipv6
 from .cage import NetworkCage, _uplink
 from .firewall import open_firewall
@@ -56,18 +56,7 @@ def restore_lost(config: Config) -> tuple[list[str], list[str]]:
 
 
 def _network_records(state_dir: str) -> Iterator[dict[str, Any]]:
-    directory = os.path.join(state_dir, "cages")
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(directory, name), encoding="utf-8") as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and isinstance(record.get("network"), dict):
-            yield record["network"]
+    """The network parts of the records the store believes (its names checked)."""
+    for record in StateStore(state_dir).records():
+        if record.network is not None:
+            yield record.network.to_dict(record.job_id, state_dir)

@@ -108,6 +108,19 @@ def ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
 
+def end_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM a daemon we started, by pid; SIGKILL it if it outlives ``timeout``."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def wait_until(predicate, what: str, timeout: float = WAIT_SECONDS) -> None:
     """Poll the kernel for a state, bounded; never a bare sleep."""
     deadline = time.monotonic() + timeout

@@ -20,7 +20,6 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from jobcage.cgroups import probe
 from jobcage.cgroups.base import rmdir_tree
 
-from .networld import NetWorld, tcp_listening, wait_until
+from .networld import NetWorld, end_process, tcp_listening, wait_until
 
 START_SECONDS = 30.0
 NODE_CPUS = 2
@@ -332,16 +331,8 @@ class Slurm:
         """SIGTERM each daemon by pid, slurmd first; then remove the test's cgroups."""
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.processes.pop(name, None)
-            if proc is None:
-                continue
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=START_SECONDS)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            if proc is not None:
+                end_process(proc, START_SECONDS)
         # slurmctld's slurmscriptd ends with it, a moment later.
         wait_until(lambda: not self.leftover_pids(), "Slurm's processes to end", START_SECONDS)
         for c in probe().v1_mounts:

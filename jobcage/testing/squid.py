@@ -12,12 +12,11 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
 
-from .networld import NetWorld, wait_until
+from .networld import NetWorld, end_process, tcp_listening, wait_until
 
 PORT = 3128
 WAIT_SECONDS = 30.0
@@ -96,8 +95,6 @@ class Squid:
         assert self.process is not None
         if self.process.poll() is not None:
             raise RuntimeError(f"squid exited at start: {self.process.stderr.read()}{self.log()}")
-        from .networld import tcp_listening
-
         return tcp_listening(self.process.pid, PORT)
 
     def stop(self) -> None:
@@ -105,14 +102,7 @@ class Squid:
         proc, self.process = self.process, None
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=WAIT_SECONDS)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        end_process(proc, WAIT_SECONDS)
         if proc.stderr:
             proc.stderr.close()
 

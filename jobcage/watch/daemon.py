@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-from ..admin import record_cgroup_paths
+from ..admin import trusted_cgroup_paths
 from ..config import Config
-from ..errors import ConfigError
-from ..state import StateStore
+from ..errors import ConfigError, JobCageError
+from ..records import RecordState, StateStore
 from . import procfs
 from .settings import WatchSettings
 from .watcher import Watcher, json_lines
@@ -102,15 +102,18 @@ class NodeDaemon:
 
     def discover(self) -> None:
         """Follow new cages of the state dir; say goodbye to those whose record went."""
-        records = {str(r.get("job_id")): r for r in StateStore(self.config.state_dir).records()}
+        records = {r.job_id: r for r in StateStore(self.config.state_dir).records()}
         for job_id, record in records.items():
-            if job_id in self._cages or record.get("state") != "built":
+            if job_id in self._cages or record.state is not RecordState.BUILT:
                 continue
-            paths = {k: p for k, p in record_cgroup_paths(record).items() if os.path.isdir(p)}
+            try:  # only the directories JobCage itself makes for this job id
+                trusted = trusted_cgroup_paths(record, self.config)
+            except JobCageError:
+                continue
+            paths = {k: p for k, p in trusted.items() if os.path.isdir(p)}
             if not paths:
                 continue
-            owner = record.get("owner_pid")
-            owner = owner if isinstance(owner, int) else None
+            owner = record.owner.pid
             self.watcher.watch_cage(job_id, paths, owner_pid=owner)
             self._cages[job_id] = owner
             self._write({"type": "watch", "job_id": job_id, "time": round(time.time(), 6)})

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from ..admin import list_cages, open_cage_cgroup
 from ..config import Config
 from ..errors import JobCageError
+from ..records import CageRecord, StateStore
 
 if TYPE_CHECKING:
     from .watcher import Watcher
@@ -68,11 +69,12 @@ class NodeCollector(Collector):
         net_packets = CounterMetricFamily(
             "jobcage_cage_network_packets", "packets by class, rx into the job", labels=net_labels
         )
+        store = StateStore(self.config.state_dir)
         for info in list_cages(self.config):
             job = info.job_id
             if info.processes is not None:
                 procs.add_metric([job], info.processes)
-            stats = _stats(info.cgroup_paths, self.config)
+            stats = _stats(store.load_or_none(job, strict=False), self.config)
             if stats is not None:
                 for mode in ("user", "system"):
                     value = getattr(stats, f"cpu_{mode}_seconds")
@@ -118,9 +120,11 @@ class NodeCollector(Collector):
         )
 
 
-def _stats(cgroup_paths: dict[str, str], config: Config) -> Any | None:
+def _stats(record: CageRecord | None, config: Config) -> Any | None:
+    if record is None:
+        return None
     try:
-        cgroup = open_cage_cgroup({"cgroup": {"paths": cgroup_paths}}, config)
+        cgroup = open_cage_cgroup(record, config)
         return cgroup.stats() if cgroup is not None else None
     except (OSError, JobCageError):
         return None
