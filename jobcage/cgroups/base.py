@@ -1,7 +1,7 @@
 """The small interface every cgroup backend implements, and the kill protocol on it.
 
-A backend knows one hierarchy layout (v1: a directory per controller; v2: one unified
-directory). A :class:`CageCgroup` is one job's cgroup(s) in it, with a handful of
+A :class:`CgroupBackend` knows one hierarchy layout (v1: a directory per controller;
+v2: one unified directory). A :class:`CageCgroup` is one job's cgroup(s) in it, with a handful of
 verbs: join files for a child, add a pid, list pids, freeze, thaw, kill, stats,
 remove. The teardown protocol (:meth:`CageCgroup.kill_all`) is written once here on
 top of those verbs.
@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ..config import Config
+from ..config_values import DEFAULT_CGROUP_PARENT_NAME
 from ..errors import CageExistsError, KernelFeatureError
 
 # Bounds of the teardown protocol. A task in uninterruptible sleep (D state: NFS,
@@ -260,3 +262,63 @@ def rmdir_if_empty(path: str) -> None:
         # EBUSY/ENOTEMPTY: other cages still live there. Gone: someone was faster.
         if e.errno not in GONE_ERRNOS | {errno.EBUSY, errno.ENOTEMPTY}:
             raise
+
+
+class CgroupBackend:
+    """Creates and reopens cages' cgroups under one parent in one layout."""
+
+    version: int
+
+    def create(
+        self,
+        name: str,
+        *,
+        memory_limit: int | None,
+        pids_limit: int | None,
+        cpu_limit: float | None = None,
+    ) -> CageCgroup:
+        raise NotImplementedError
+
+    def open(self, paths: dict[str, str]) -> CageCgroup:
+        raise NotImplementedError
+
+    def paths_for(self, name: str) -> dict[str, str]:
+        """Every directory a cage of this name may have; recorded before creating any."""
+        raise NotImplementedError
+
+    def remove_parent_if_empty(self) -> None:
+        raise NotImplementedError
+
+    def parents(self) -> dict[str, str]:
+        """controller (or "unified") -> the directory this backend makes cages in."""
+        raise NotImplementedError
+
+    def mounts(self) -> dict[str, str]:
+        """controller (or "unified") -> where its hierarchy is mounted."""
+        raise NotImplementedError
+
+    def is_cage_dir(self, controller: str, path: str, name: str) -> bool:
+        """Whether ``path`` is a directory JobCage itself would make for cage ``name``:
+        ``<parent>/<name>`` under this backend's parent, or under a parent named
+        ``jobcage`` (the default, the caller's own cgroup + jobcage/, so a reaper in
+        another cgroup than the batch system still knows its cages) in the hierarchy of
+        ``controller``. What a record names is checked with this before it is acted on.
+        """
+        if os.path.normpath(path) != path or os.path.basename(path) != name:
+            return False
+        parent = os.path.dirname(path)
+        if parent == self.parents().get(controller):
+            return True
+        mount = self.mounts().get(controller)
+        return (
+            mount is not None
+            and os.path.basename(parent) == DEFAULT_CGROUP_PARENT_NAME
+            and parent.startswith(mount.rstrip("/") + "/")
+        )
+
+
+def parent_path(own: str, config: Config) -> str:
+    """The parent cgroup, relative to a hierarchy's mount point."""
+    if config.cgroup_parent is None:
+        return os.path.join(own, DEFAULT_CGROUP_PARENT_NAME)
+    return config.cgroup_parent  # absolute and normalised by the config

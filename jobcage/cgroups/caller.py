@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from . import Hierarchies
+from .hierarchies import Hierarchies
 
 # Anything at or above this is "no limit" (v1 reports PAGE_COUNTER_MAX in pages,
 # rounded down to a page, for an unlimited memory cgroup).

@@ -17,15 +17,16 @@ from cgroupspy.nodes import Node
 
 from ..config import Config
 from ..errors import KernelFeatureError
-from . import CgroupBackend, Hierarchies, parent_path
 from .base import (
     CPU_PERIOD_US,
     FREEZE_TIMEOUT_SECONDS,
     GONE_ERRNOS,
     CageCgroup,
+    CgroupBackend,
     CgroupStats,
     cpu_quota_us,
     mkdir_under_parent,
+    parent_path,
     read_file,
     read_int,
     read_pids,
@@ -35,6 +36,7 @@ from .base import (
     wait_until,
     write_file,
 )
+from .hierarchies import Hierarchies
 
 REQUIRED = ("freezer",)
 _KERNEL_OPTION = {"memory": "MEMCG", "pids": "CGROUP_PIDS", "cpu": "CFS_BANDWIDTH"}

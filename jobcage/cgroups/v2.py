@@ -17,15 +17,16 @@ import time
 
 from ..config import Config
 from ..errors import KernelFeatureError
-from . import CgroupBackend, Hierarchies, parent_path
 from .base import (
     CPU_PERIOD_US,
     FREEZE_TIMEOUT_SECONDS,
     GONE_ERRNOS,
     CageCgroup,
+    CgroupBackend,
     CgroupStats,
     cpu_quota_us,
     mkdir_under_parent,
+    parent_path,
     read_file,
     read_int,
     read_pids,
@@ -34,6 +35,7 @@ from .base import (
     subtree_dirs,
     write_file,
 )
+from .hierarchies import Hierarchies
 
 # Controllers a cage wants enabled for its cgroup, when the parent offers them.
 WANTED_CONTROLLERS = ("memory", "io", "pids", "cpu")
