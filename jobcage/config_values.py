@@ -205,32 +205,29 @@ def _uplink(value: object) -> str | None:
     return value
 
 
-def _campus(value: object) -> tuple[IPNetwork, ...]:
-    networks = []
-    kinds = (ipaddress.IPv4Network, ipaddress.IPv6Network)
-    for item in _items(value, "CIDRs such as 129.93.0.0/16", kinds):
+def _addresses(value: object, what: str, kinds: tuple[type, ...], parse: Callable) -> tuple:
+    """A list of ``kinds`` (networks or addresses) parsed by ``parse``; parsed ones, from a
+    Config, pass as they are."""
+    found = []
+    for item in _items(value, what, kinds):
         if isinstance(item, kinds):
-            networks.append(item)
+            found.append(item)
             continue
         try:
-            networks.append(ipaddress.ip_network(item))  # type: ignore[arg-type]
+            found.append(parse(item))
         except (ValueError, TypeError) as e:
-            raise _Invalid(f"CIDRs such as 129.93.0.0/16 ({e})") from None
-    return tuple(networks)
+            raise _Invalid(f"{what} ({e})") from None
+    return tuple(found)
+
+
+def _campus(value: object) -> tuple[IPNetwork, ...]:
+    kinds = (ipaddress.IPv4Network, ipaddress.IPv6Network)
+    return _addresses(value, "CIDRs such as 129.93.0.0/16", kinds, ipaddress.ip_network)
 
 
 def _dns(value: object) -> tuple[IPAddress, ...]:
-    servers = []
     kinds = (ipaddress.IPv4Address, ipaddress.IPv6Address)
-    for item in _items(value, "IP addresses such as 192.0.2.53", kinds):
-        if isinstance(item, kinds):
-            servers.append(item)
-            continue
-        try:
-            servers.append(ipaddress.ip_address(item))  # type: ignore[arg-type]
-        except (ValueError, TypeError) as e:
-            raise _Invalid(f"IP addresses such as 192.0.2.53 ({e})") from None
-    return tuple(servers)
+    return _addresses(value, "IP addresses such as 192.0.2.53", kinds, ipaddress.ip_address)
 
 
 def _whole_number(value: object, what: str) -> int:
@@ -300,28 +297,26 @@ def _cpus(value: object) -> float | None:
     if value is None:
         return None
     what = f"a number of CPUs such as 2 or 0.5, from {CPUS_MIN} to {CPUS_MAX:.0f}"
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise _Invalid(what)
-    try:
-        cpus = float(value)
-    except (ValueError, OverflowError):
-        raise _Invalid(what) from None
-    if not (math.isfinite(cpus) and CPUS_MIN <= cpus <= CPUS_MAX):
-        raise _Invalid(what)
-    return cpus
+    return _number(value, what, lambda n: CPUS_MIN <= n <= CPUS_MAX)
 
 
 def _grace(value: object) -> float:
     what = f"a number of seconds from 0 to {GRACE_MAX_SECONDS:.0f}"
+    return _number(value, what, lambda n: 0 <= n <= GRACE_MAX_SECONDS)
+
+
+def _number(value: object, what: str, within: Callable[[float], bool]) -> float:
+    """A finite float ``within`` its bounds, from a number or its text (not a bool:
+    ``true`` is no number of anything)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise _Invalid(what)
     try:
-        seconds = float(value)
+        number = float(value)
     except (ValueError, OverflowError):
         raise _Invalid(what) from None
-    if not (math.isfinite(seconds) and 0 <= seconds <= GRACE_MAX_SECONDS):
+    if not (math.isfinite(number) and within(number)):
         raise _Invalid(what)
-    return seconds
+    return number
 
 
 WATCH_ACTIONS = ("log", "kill", "ignore")
@@ -332,16 +327,7 @@ WATCH_BUFFER_MIN, WATCH_BUFFER_MAX = 4 << 10, 2 << 30
 
 def _positive(limit: float) -> Callable[[object], float]:
     def parse(value: object) -> float:
-        what = f"a positive number up to {limit:g}"
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise _Invalid(what)
-        try:
-            number = float(value)
-        except (ValueError, OverflowError):
-            raise _Invalid(what) from None
-        if not (math.isfinite(number) and 0 < number <= limit):
-            raise _Invalid(what)
-        return number
+        return _number(value, f"a positive number up to {limit:g}", lambda n: 0 < n <= limit)
 
     return parse
 
