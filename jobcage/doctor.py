@@ -201,23 +201,20 @@ def _swap_check(version: int, h: Hierarchies) -> Check:
             return Check(name, Status.WARN, "no memory controller, so no swap accounting")
         if os.path.exists(os.path.join(mount, "memory.memsw.limit_in_bytes")):
             return Check(name, Status.OK, "memory.memsw.* present: limits cover RAM + swap")
-        return Check(
-            name,
-            Status.WARN,
-            "memory.memsw.* missing: a job can swap past its memory limit; boot with "
-            "swapaccount=1 (kernel CONFIG_MEMCG_SWAP)",
-        )
-    if "memory" not in h.v2_controllers:
-        return Check(name, Status.WARN, "no v2 memory controller, so no swap accounting")
-    own = os.path.join(h.v2_mount or "", (h.v2_own or "/").lstrip("/"))
-    if os.path.exists(os.path.join(own, "memory.swap.max")) or not os.path.exists(
-        os.path.join(own, "memory.max")
-    ):
-        return Check(name, Status.OK, "memory.swap.max available: cages get swap.max = 0")
+        missing = "memory.memsw.*"
+    else:
+        if "memory" not in h.v2_controllers:
+            return Check(name, Status.WARN, "no v2 memory controller, so no swap accounting")
+        own = os.path.join(h.v2_mount or "", (h.v2_own or "/").lstrip("/"))
+        if os.path.exists(os.path.join(own, "memory.swap.max")) or not os.path.exists(
+            os.path.join(own, "memory.max")
+        ):
+            return Check(name, Status.OK, "memory.swap.max available: cages get swap.max = 0")
+        missing = "memory.swap.max"
     return Check(
         name,
         Status.WARN,
-        "memory.swap.max missing: a job can swap past its memory limit; boot with "
+        f"{missing} missing: a job can swap past its memory limit; boot with "
         "swapaccount=1 (kernel CONFIG_MEMCG_SWAP)",
     )
 
