@@ -379,6 +379,25 @@ def test_fifty_cages_at_once_from_processes(cage_config):
 # -- the v2 backend, for real on the unified hierarchy (freeze, kill, cpu.stat) ----------
 
 
+@pytest.mark.root
+def test_v1_cpu_time_is_cpuacct_usage_not_its_ticks(cage_config):
+    """On v1 the record's user + system CPU is cpuacct.usage (precise), not the sum of
+    usage_user and usage_sys, which are tick-sampled: under a small quota that sum
+    ran past the quota (test_cpu_limit_throttles... failed with it, on a loaded
+    machine). Fails before the fix unless the ticks happen to match to the ns."""
+    burn = "import time\nend = time.process_time() + 0.05\nwhile time.process_time() < end: pass\n"
+    with JobCage(unique("ticks"), cpu_limit=0.1, config=cage_config) as cage:
+        acct = cage.cgroup_paths.get("cpuacct")
+        if acct is None:
+            pytest.skip("no v1 cpuacct controller here: v2's cpu.stat is precise already")
+        assert cage.spawn([sys.executable, "-c", burn]).wait() == 0
+        usage = cage.usage()
+        precise = int(read_file(os.path.join(acct, "cpuacct.usage")))
+    assert precise > 50_000_000
+    used_ns = round((usage.cpu_user_seconds + usage.cpu_system_seconds) * 1e9)
+    assert abs(used_ns - precise) <= 2, (used_ns, precise)
+
+
 @pytest.mark.cgroup_v2
 def test_v2_freeze_kill_and_cpu_stat(cage_config_v2):
     burn = "import time\nend = time.process_time() + 0.2\nwhile time.process_time() < end: pass\n"

@@ -193,8 +193,9 @@ class V1Cgroup(CageCgroup):
             acct = self.paths["cpuacct"]
             u = read_int(os.path.join(acct, "cpuacct.usage_user"))
             s = read_int(os.path.join(acct, "cpuacct.usage_sys"))
+            total = read_int(os.path.join(acct, "cpuacct.usage"))
             if u is not None and s is not None:
-                user, system = u / 1e9, s / 1e9
+                user, system = _split_precise(total, u, s)
             else:  # before 4.6: USER_HZ ticks only
                 ticks = _keyed(read_file(os.path.join(acct, "cpuacct.stat")))
                 hz = os.sysconf("SC_CLK_TCK")
@@ -247,6 +248,23 @@ def _keyed(text: str) -> dict[str, int]:
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             out[parts[0]] = int(parts[1])
     return out
+
+
+def _split_precise(total: int | None, user: int, system: int) -> tuple[float, float]:
+    """(user, system) seconds summing to ``cpuacct.usage``, the only precise figure.
+
+    usage_user and usage_sys are the kernel's tick-sampled cpustat (a whole tick
+    charged to whoever runs at it): under a CPU quota, whose throttling also acts at
+    ticks, their sum runs well past cpuacct.usage and bills more CPU than the quota
+    allows. Their ratio only splits the precise total, as cgroup v2's cpu.stat does
+    (cputime_adjust: all of it user time when no tick fell in either).
+    """
+    if total is None:
+        return user / 1e9, system / 1e9
+    if user + system == 0:
+        return total / 1e9, 0.0
+    user_ns = total * user // (user + system)
+    return user_ns / 1e9, (total - user_ns) / 1e9
 
 
 def _blkio_bytes(path: str) -> tuple[int | None, int | None]:
