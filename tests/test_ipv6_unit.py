@@ -14,6 +14,7 @@ from jobcage.errors import AddressPoolExhaustedError, ConfigError
 from jobcage.netlink import core, rtnl
 from jobcage.network import ipv6, resolv
 from jobcage.network.addresses import AddressPool, Ipv6Pool
+from jobcage.network.firewall import open_firewall
 from jobcage.network.firewall.policy import NetCounters
 from jobcage.usage import Usage
 
@@ -57,10 +58,10 @@ def test_bad_ipv6_config_is_one_error_naming_the_key(changes, campus, key):
 
 
 def test_ipv6_off_and_auto_without_nftables_give_ipv4_only():
-    assert ipv6.settings(Config(ipv6="off"), "nftables") is None
-    assert ipv6.settings(Config(), "iptables-legacy") is None
+    assert ipv6.settings(Config(ipv6="off"), open_firewall("nftables")) is None
+    assert ipv6.settings(Config(), open_firewall("iptables-legacy")) is None
     with pytest.raises(ConfigError, match='needs firewall = "nftables"'):
-        ipv6.settings(Config(ipv6="nat"), "iptables-legacy")
+        ipv6.settings(Config(ipv6="nat"), open_firewall("iptables-legacy"))
 
 
 def test_config_refuses_an_unknown_ipv6_mode():

@@ -38,6 +38,7 @@ from jobcage.network import (
 )
 from jobcage.network import resolv as resolv_mod
 from jobcage.network.firewall import xtables as firewall_mod
+from jobcage.network.firewall import xtables_iptc
 from jobcage.network.firewall.nftables import NftablesFirewall
 from jobcage.records import StateStore
 from jobcage.records.model import network_part
@@ -216,15 +217,15 @@ def test_rules_compiled_once_per_shape_equal_python_iptables_renders(make_cage, 
     if net_config.firewall != "iptables-legacy":
         pytest.skip("x_tables only: nftables rules are checked by `nft list`")
     cages = [make_cage(k) for k in "ab"]
-    table = firewall_mod._table("filter")
+    table = xtables_iptc._table("filter")
     try:
         for cage in cages:
             plan = cage.plan
             specs = [r for chain in plan.chains for r in chain.rules]
             for spec in [*specs, *(j.rule for j in plan.jumps)]:
-                fresh = firewall_mod._render(spec, table)
+                fresh = xtables_iptc._render(spec, table)
                 fresh.final_check()
-                entry = firewall_mod._entry(spec, table)
+                entry = xtables_iptc._entry(spec, table)
                 assert (entry.entry, entry.mask) == (bytes(fresh.rule), bytes(fresh.mask)), spec
     finally:
         table.close()

@@ -19,7 +19,7 @@ from jobcage.errors import (
 )
 from jobcage.ids import netns_name, veth_names
 from jobcage.netlink import core, rtnl
-from jobcage.network import NetCounters, NetworkCage, Orphan, remove_orphan, resolv
+from jobcage.network import NetCounters, NetworkCage, Orphan, nodelinks, remove_orphan, resolv
 from jobcage.network import netns as netns_mod
 from jobcage.network.addresses import AddressPool, LeaseStore
 from jobcage.network.firewall.policy import (
@@ -486,12 +486,12 @@ def test_peer_index_is_none_when_the_kernel_leaves_it_out():
 def test_netlink_errors_become_jobcage_errors_that_say_what_to_do():
     veth, lo = _cage_side_requests()[:2]
     missing = core.NetlinkError(errno.EOPNOTSUPP, "creating", "Unknown device type", veth)
-    error = netns_mod._netlink_error(missing, "setting up x")
+    error = nodelinks.netlink_error(missing, "setting up x")
     assert isinstance(error, KernelFeatureError) and "CONFIG_VETH" in str(error)
     other = core.NetlinkError(errno.EOPNOTSUPP, "bringing lo up", "", lo)
-    assert not isinstance(netns_mod._netlink_error(other, "x"), KernelFeatureError)
+    assert not isinstance(nodelinks.netlink_error(other, "x"), KernelFeatureError)
     denied = core.NetlinkError(errno.EPERM, "creating", "", veth)
-    assert "CAP_NET_ADMIN" in str(netns_mod._netlink_error(denied, None))
+    assert "CAP_NET_ADMIN" in str(nodelinks.netlink_error(denied, None))
 
 
 class FakeKernel(rtnl.Socket):

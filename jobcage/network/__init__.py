@@ -2,19 +2,22 @@
 uplink, with packet-filter rules that count the job's LAN and WAN traffic.
 
 Modules: ``addresses`` (the address pool and its leases), ``netns`` (namespace, veth,
-addresses, routes, forwarding, over :mod:`jobcage.netlink.rtnl`), ``resolv`` (a
-cage's resolv.conf), ``firewall/``
-(the :class:`~.firewall.Firewall` interface and its selection, the policy as data,
-the nftables backend over :mod:`jobcage.netlink` and the legacy x_tables one over
-python-iptables, doctor's report), ``cage`` (:class:`NetworkCage`, tying them
-together, and what reap finds without a record), ``hooks`` (the tests' guard). See
-docs/network.md.
+addresses, routes, over :mod:`jobcage.netlink.rtnl`; ``addressing`` the requests of
+a cage's addresses), ``nodelinks`` (the node's links, routes and forwarding),
+``resolv`` (a cage's resolv.conf), ``ipv6`` and ``routed6`` (dual-stack cages),
+``firewall/`` (the :class:`~.firewall.Firewall` interface and its selection, the
+policy as data, the nftables backend over :mod:`jobcage.netlink` and the legacy
+x_tables one over python-iptables, doctor's report), ``cage`` (:class:`NetworkCage`,
+tying them together), ``gaps`` (one cage's rules found gone, put back, and the gap in
+its counts), ``restore`` (every cage's, for reap), ``orphans`` (what reap finds
+without a record), ``hooks`` (the tests' guard). See docs/network.md.
 """
 
-from .cage import NetworkCage, Orphan, find_orphans, read_counters, remove_orphan
+from .cage import NetworkCage, read_counters
 from .firewall.policy import NetCounters
 from .firewall.report import FirewallReport, firewall_report, node_iptables_backend
 from .netns import forwarding_enabled
+from .orphans import Orphan, find_orphans, remove_orphan
 
 __all__ = [
     "FirewallReport",

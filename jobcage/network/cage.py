@@ -27,24 +27,19 @@ from ..errors import (
 )
 from ..ids import netns_name as make_netns_name
 from ..ids import validate_job_id, veth_names
-from ..records import StateStore
 from . import ipv6 as ipv6_mod
 from . import netns, resolv
 from .addresses import AddressPool, LeaseStore
 from .firewall import (
-    CAGE,
     Firewall,
-    FirewallObject,
-    all_firewalls,
-    firewall_for_table,
     open_firewall,
     resolve_firewall,
 )
 from .firewall.policy import CagePlan, NetCounters, cage_plan
-from .restore import GapStore, restore_cage_rules
+from .gaps import GapStore, restore_cage_rules
 
 
-def _cage_hash(host_veth: str) -> str:
+def cage_hash(host_veth: str) -> str:
     return host_veth[2:-1]
 
 
@@ -81,7 +76,7 @@ class NetworkCage:
     @property
     def plan(self) -> CagePlan:
         return cage_plan(
-            cage_hash=_cage_hash(self.host_veth),
+            cage_hash=cage_hash(self.host_veth),
             host_veth=self.host_veth,
             address=self.address.ip,
             pool=self.pool,
@@ -126,7 +121,7 @@ class NetworkCage:
         pool = AddressPool(config.address_pool)
         host_veth, _ = veth_names(job_id)
         firewall_backend = resolve_firewall(config.firewall)  # may refuse: before the lease
-        v6 = ipv6_mod.settings(config, firewall_backend)  # likewise
+        v6 = ipv6_mod.settings(config, open_firewall(firewall_backend))  # likewise
         lease, first = LeaseStore(config.state_dir, pool).acquire(
             job_id, lambda lease: netns.address_held(lease.job)
         )
@@ -174,7 +169,7 @@ class NetworkCage:
             cage._firewall().install(cage.plan, cage.pool, lambda: _uplink(config.uplink))
             built["rules"] = True
             if cage.ipv6 is not None and cage.plan6 is not None:
-                ipv6_mod.install(cage.plan6, cage.ipv6, config)
+                ipv6_mod.install(cage.plan6, cage.ipv6, config, cage._firewall())
                 built["rules6"] = True
             text = resolv.plan_resolv_conf(
                 resolv.read_text(resolv.RESOLV_CONF) or "",
@@ -224,9 +219,12 @@ class NetworkCage:
         return found.with_gaps(*GapStore(self.state_dir).read(self.job_id))
 
     def _counters(self) -> NetCounters:
-        counters = self._firewall().counters(self.plan)
+        firewall = self._firewall()
+        counters = firewall.counters(self.plan)
         plan6 = self.plan6
-        return counters if plan6 is None else counters.with_ipv6(ipv6_mod.counters(plan6))
+        return (
+            counters if plan6 is None else counters.with_ipv6(ipv6_mod.counters(plan6, firewall))
+        )
 
     def restore_rules(self) -> bool:
         """Put the cage's rules back if they are gone, and count a gap; True if this
@@ -299,7 +297,7 @@ class NetworkCage:
             keeping_lease(lambda: firewall.remove(self.plan) if remove_rules else None),
             keeping_lease(
                 lambda: (
-                    ipv6_mod.remove(self.plan6, self.ipv6, self.state_dir)
+                    ipv6_mod.remove(self.plan6, self.ipv6, self.state_dir, self._firewall())
                     if remove_rules6 and self.plan6 is not None
                     else None
                 )
@@ -403,10 +401,11 @@ def read_counters(cages: Sequence[NetworkCage]) -> dict[str, NetCounters | None]
     live = [c for c in cages if not c._destroyed]
     found: dict[str, NetCounters | None] = {}
     for backend in sorted({c.firewall_backend for c in live}):
-        plans = [c.plan for c in live if c.firewall_backend == backend]
-        found.update(open_firewall(backend).counters_many(plans))
-    # A dual-stack cage's IPv6 counters are in ip6 jobcage: one more dump.
-    found = ipv6_mod.with_ipv6(found, [c.plan6 for c in live if c.plan6 is not None])
+        mine = [c for c in live if c.firewall_backend == backend]
+        firewall = open_firewall(backend)
+        found.update(firewall.counters_many([c.plan for c in mine]))
+        # A dual-stack cage's IPv6 counters are in ip6 jobcage: one more dump.
+        found = ipv6_mod.with_ipv6(found, [c.plan6 for c in mine if c.plan6 is not None], firewall)
     return {c.job_id: c._final if c._destroyed else found.get(c.host_veth) for c in cages}
 
 
@@ -421,130 +420,8 @@ def _uplink(uplink: str | None) -> str:
     return uplink
 
 
-# -- finding what a dead owner left ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Orphan:
-    """A JobCage-named kernel object that no cage record claims."""
-
-    kind: str  # "netns", "veth", "chain" (a cage's rules), "lease", "shared", "campus"
-    name: str
-    table: str | None = None
-    # The hash of the job a veth, chain or lease belongs to: reap keeps a lease while
-    # any other object of its job could not be removed, as the lease is what makes
-    # them this state dir's.
-    cage: str = ""
-
-
-def find_orphans(config: Config) -> list[Orphan]:
-    """JobCage netns, veths, chains and leases with no cage record in the state dir.
-
-    Run in the node's netns. Read-only; `jobcage reap` decides what to remove.
-    """
-    known_netns: set[str] = set()
-    known_veths: set[str] = set()
-    known_hashes: set[str] = set()
-    known_jobs: set[str] = set()
-    records, bad = StateStore(config.state_dir).scan()
-    # A bad record's job id (from its file name) is known too until reap sets it aside.
-    job_ids = [r.job_id for r in records] + [b.job_id for b in bad if b.job_id]
-    for job_id in job_ids:
-        if isinstance(job_id, str):
-            known_jobs.add(job_id)
-            # A record claimed before the network part was built still owns the names.
-            known_netns.add(make_netns_name(job_id))
-            host_veth = veth_names(job_id)[0]
-            known_veths.add(host_veth)
-            known_hashes.add(_cage_hash(host_veth))
-    try:
-        pool = AddressPool(config.address_pool)
-        held = LeaseStore(config.state_dir, pool).held()
-    except JobCageError:
-        held = {}
-    # /run/netns is the machine's: a netns is this state dir's only while one of its
-    # leases names the job (a lease is taken before the netns is made and released only
-    # after it is gone), so a second JobCage (another state dir, a test run) is never
-    # reaped from here.
-    # The node's links and rules are shared by every state dir too, and the same holds
-    # for them: a cage's veth and chains (or counters) are made after its lease is
-    # taken and removed before it is released.
-    leased_netns = {make_netns_name(job): job for job in held.values()}
-    leased_veths = {veth_names(job)[0] for job in held.values()}
-    leased_hashes = {_cage_hash(veth) for veth in leased_veths}
-    orphans = [
-        Orphan("netns", n, cage=_cage_hash(veth_names(leased_netns[n])[0]))
-        for n in netns.cage_netns_names()
-        if n not in known_netns and n in leased_netns
-    ]
-    orphans += [
-        Orphan("veth", n, cage=_cage_hash(n))
-        for n in netns.cage_veths()
-        if n not in known_veths and n in leased_veths
-    ]
-    for firewall in all_firewalls():
-        # A cage's rules or counters are this state dir's while it holds the lease.
-        orphans += [
-            Orphan("chain" if o.kind == CAGE else o.kind, o.name, o.table, cage=o.cage)
-            for o in firewall.orphans(known_hashes)
-            if o.kind != CAGE or o.cage in leased_hashes
-        ]
-    orphans += ipv6_mod.proxy_orphans(config, held, known_jobs, Orphan)
-    orphans += [
-        Orphan("lease", str(i), cage=_cage_hash(veth_names(job)[0]))
-        for i, job in sorted(held.items())
-        if job not in known_jobs
-    ]
-    if ipv6_mod.settings_left(config.state_dir):
-        # IPv6 sysctls whose last cage is gone (its owner killed before it put them back).
-        orphans.append(Orphan("sysctls", ipv6_mod.SAVED_NAME))
-    return orphans
-
-
-def remove_orphan(orphan: Orphan, config: Config) -> None:
-    """Remove one object :func:`find_orphans` listed. The caller (reap) makes sure no
-    live cage claims it; each kind is removed idempotently."""
-    if orphan.kind == "netns":
-        netns.remove(orphan.name)
-        resolv.remove_resolv_conf(orphan.name)
-    elif orphan.kind == "veth":
-        if not netns.is_cage_veth(orphan.name):
-            raise NetworkError(f"{orphan.name} is not a JobCage veth; not removing it")
-        netns.delete_link(orphan.name)
-    elif orphan.kind in ("chain", "campus", "shared"):
-        kind = CAGE if orphan.kind == "chain" else orphan.kind
-        found = FirewallObject(kind, orphan.name, orphan.table or "", orphan.cage)
-        firewall = firewall_for_table(orphan.table)
-        if firewall.remove_orphan(found) and orphan.table == ipv6_mod.firewall().label:
-            # The node's last IPv6 cage was a dead owner's: its sysctls go back too.
-            with ipv6_mod.locked(config.state_dir):
-                ipv6_mod.restore(config.state_dir)
-    elif orphan.kind == "proxy":
-        ipv6_mod.remove_proxy_orphan(orphan.table or "", orphan.name)
-    elif orphan.kind == "sysctls":
-        ipv6_mod.restore_if_unused(config.state_dir)
-    elif orphan.kind == "lease":
-        store = LeaseStore(config.state_dir, AddressPool(config.address_pool))
-        job_id = store.held().get(int(orphan.name))
-        if job_id is not None:
-            name = make_netns_name(job_id)
-            if os.path.exists(os.path.join(netns.NETNS_RUN_DIR, name)):
-                # The lease is what makes that netns this state dir's orphan: released
-                # while the netns is still there, nobody would ever reap the netns.
-                raise NetworkError(
-                    f"lease {orphan.name} kept: the netns {name} of job {job_id} is still "
-                    f"there; remove it (ip netns del {name}), then run `jobcage reap` again"
-                )
-            store.release(int(orphan.name), job_id)
-    else:
-        raise NetworkError(f"unknown kind of orphan {orphan.kind!r}")
-
-
 __all__ = [
     "NetCounters",
     "NetworkCage",
-    "Orphan",
-    "find_orphans",
     "read_counters",
-    "remove_orphan",
 ]

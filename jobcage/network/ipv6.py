@@ -31,18 +31,17 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config import Config
 from ..config_values import DEFAULT_IPV6_POOL
 from ..errors import ConfigError, NetworkError
+from ..ids import veth_names
 from ..netlink import core, rtnl
 from . import hooks, netns, resolv, routed6
 from .addresses import Ipv6Pool, locked_file
+from .firewall import BACKENDS, Firewall, open_firewall
 from .firewall.policy import CagePlan, NetCounters
-
-if TYPE_CHECKING:
-    from .firewall.nftables import NftablesFirewall
 
 DISABLE_IPV6_DEFAULT = "/proc/sys/net/ipv6/conf/default/disable_ipv6"
 FORWARDING_ALL = "/proc/sys/net/ipv6/conf/all/forwarding"
@@ -116,25 +115,24 @@ def part(
     )
 
 
-def firewall() -> NftablesFirewall:
-    """Where cages' IPv6 rules live: the nftables table ``ip6 jobcage``."""
-    from .firewall.nftables import NftablesFirewall
+def firewall(backend: Firewall) -> Firewall:
+    """Where the IPv6 rules of ``backend``'s dual-stack cages live (nftables: the table
+    ``ip6 jobcage``); an IPv4-only backend refuses, saying what to set instead."""
+    return backend.ipv6_or_refuse("on")
 
-    return NftablesFirewall(family=6)
 
-
-def counters(plan: CagePlan) -> NetCounters:
-    return firewall().counters(plan)
+def counters(plan: CagePlan, backend: Firewall) -> NetCounters:
+    return firewall(backend).counters(plan)
 
 
 def with_ipv6(
-    found: dict[str, NetCounters | None], plans: Sequence[CagePlan]
+    found: dict[str, NetCounters | None], plans: Sequence[CagePlan], backend: Firewall
 ) -> dict[str, NetCounters | None]:
     """``found`` (veth -> IPv4 counters) with the IPv6 share of the cages of ``plans``
     added, from one dump of ip6 jobcage; None where either family's are gone."""
     if not plans:
         return found
-    found6 = firewall().counters_many(plans)
+    found6 = firewall(backend).counters_many(plans)
     out = dict(found)
     for plan in plans:
         v4, v6 = found.get(plan.host_veth), found6.get(plan.host_veth)
@@ -142,29 +140,29 @@ def with_ipv6(
     return out
 
 
-def install(plan: CagePlan, cage: Ipv6Part, config: Config) -> None:
+def install(plan: CagePlan, cage: Ipv6Part, config: Config, backend: Firewall) -> None:
     """The cage's IPv6 rules, and forwarding if it is the node's first IPv6 cage."""
     uplink = functools.cache(lambda: cage.uplink or uplink6(config))
     routed = cage.mode == "routed"
     with locked(config.state_dir):
         ensure_forwarding(config.state_dir, uplink, proxy_ndp=routed)
         # Routed: no NAT66 (an uplink of "" makes none).
-        firewall().install(plan, cage.pool, (lambda: "") if routed else uplink)
+        firewall(backend).install(plan, cage.pool, (lambda: "") if routed else uplink)
         if routed:
             try:
                 routed6.add_proxy(cage.uplink, cage.address.ip)
             except NetworkError:
-                firewall().remove(plan)
+                firewall(backend).remove(plan)
                 raise
 
 
-def remove(plan: CagePlan, cage: Ipv6Part, state_dir: str) -> None:
+def remove(plan: CagePlan, cage: Ipv6Part, state_dir: str, backend: Firewall) -> None:
     """Remove the cage's IPv6 rules (and proxy entry); the last IPv6 cage puts the
     sysctls back."""
     with locked(state_dir):
         if cage.mode == "routed" and cage.uplink:
             routed6.remove_proxy(cage.uplink, cage.address.ip)
-        if firewall().remove(plan):
+        if firewall(backend).remove(plan):
             restore(state_dir)
 
 
@@ -182,20 +180,16 @@ def check_config(config: Config) -> Ipv6Pool | None:
     return pool
 
 
-def settings(config: Config, backend: str) -> Ipv6Settings | None:
+def settings(config: Config, backend: Firewall) -> Ipv6Settings | None:
     """What a new cage gets: None for IPv4 only. Raises ConfigError for a bad config,
     NetworkError for a mode the node cannot give (IPv6 disabled on it)."""
     pool = check_config(config)
     if pool is None:
         return None
-    if backend != "nftables":
+    if backend.ipv6() is None:
         if config.ipv6 == "auto":
             return None
-        raise ConfigError(
-            f'ipv6 = "{config.ipv6}" needs firewall = "nftables": IPv6 cages are '
-            'nftables-only (docs/network.md); set firewall = "nftables" (or "auto" on a '
-            'kernel with nf_tables), or ipv6 = "off"'
-        )
+        backend.ipv6_or_refuse(config.ipv6)
     if not node_has_ipv6():
         if config.ipv6 == "auto":
             return None
@@ -358,12 +352,9 @@ def restore(state_dir: str) -> bool:
 
 
 def _no_ipv6_cages() -> bool:
-    """Whether ip6 jobcage is gone (its last cage took it along)."""
-    from ..netlink import nfchannel, nfnl
-    from .firewall.nftables_layout import TABLE
-
-    with nfnl.family(nfnl.NFPROTO_IPV6):
-        return nfchannel.table_use(TABLE) is None
+    """Whether no backend holds IPv6 rules any more (the last cage took them along)."""
+    ipv6_firewalls = (open_firewall(name).ipv6() for name in BACKENDS)
+    return not any(f.in_use() for f in ipv6_firewalls if f is not None)
 
 
 def proxy_orphans(
@@ -374,8 +365,6 @@ def proxy_orphans(
     the table). Read-only; before the leases, which make them this state dir's."""
     if config.ipv6 != "routed" or not config.ipv6_pool:
         return []
-    from ..ids import veth_names
-
     pool = Ipv6Pool(config.ipv6_pool)
     uplink = config.uplink or uplink6(config)
     there = routed6.proxies(uplink)
@@ -416,10 +405,8 @@ def saved_settings(state_dir: str) -> dict[str, str]:
 
 def report(config: Config) -> tuple[str, str]:
     """(``ok`` | ``warn`` | ``FAIL``, what `jobcage doctor` says about IPv6 cages)."""
-    from .firewall import resolve_firewall
-
     try:
-        backend = resolve_firewall(config.firewall)
+        backend = open_firewall(config.firewall)
         found = settings(config, backend)
     except (ConfigError, NetworkError) as e:
         return "FAIL", str(e)
@@ -427,8 +414,8 @@ def report(config: Config) -> tuple[str, str]:
         why = {
             "off": 'ipv6 = "off"',
             "auto": "IPv6 is disabled on the node"
-            if backend == "nftables"
-            else "the x_tables backend is IPv4 only (IPv6 cages are nftables-only)",
+            if backend.ipv6() is not None
+            else backend.ipv4_only,
         }
         return "ok", f"cages are IPv4 only: {why.get(config.ipv6, config.ipv6)}"
     notes = []

@@ -6,6 +6,7 @@
 ``nftables``           the default backend: a table of JobCage's own, over
                        :mod:`jobcage.netlink` (its layout in ``nftables_layout``)
 ``xtables``            the legacy x_tables backend over python-iptables (libiptc), with
+                       ``xtables_iptc`` (libiptc handles, errors, entry edits),
                        ``xtables_compiled`` (rules compiled once per shape) and
                        ``xtables_read`` (counters read straight from the kernel's blob)
 ``report``             `jobcage doctor`'s view of the node's packet filters

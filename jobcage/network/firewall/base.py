@@ -8,6 +8,7 @@ import abc
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
+from ...errors import ConfigError
 from .policy import CAGE_CHAIN_PREFIX, SHARED_PREFIX, CagePlan, NetCounters, cage_hash_of
 
 # Kinds of a FirewallObject.
@@ -77,6 +78,31 @@ class Firewall(abc.ABC):
         """Remove one object :meth:`orphans` listed, and what cages share if nothing
         uses it any more (then returns True). The caller makes sure no live cage
         claims it. Idempotent."""
+
+    # The IP version of its rules' addresses.
+    version = 4
+    # An IPv4-only backend says so: what doctor reports, and what a config that asks it
+    # for IPv6 cages is told to set instead (see :meth:`ipv6`).
+    ipv4_only = ""
+    ipv6_refusal = "holds no IPv6 rules"
+
+    def ipv6(self) -> Firewall | None:
+        """The same backend over IPv6, where dual-stack cages' IPv6 rules live; None
+        if it is IPv4 only (:attr:`ipv4_only` says so)."""
+        return None
+
+    def ipv6_or_refuse(self, asked: str) -> Firewall:
+        """:meth:`ipv6`, or the ConfigError that tells a config asking for IPv6 cages
+        (``asked``, its ``ipv6`` value) what to set instead."""
+        found = self.ipv6()
+        if found is None:
+            raise ConfigError(f'ipv6 = "{asked}" {self.ipv6_refusal}, or ipv6 = "off"')
+        return found
+
+    def in_use(self) -> bool:
+        """Whether anything of JobCage's is left in its tables (a cage's rules, or
+        what cages share): the last cage's teardown takes everything along."""
+        return bool(self.orphans(()))
 
     @abc.abstractmethod
     def problem(self) -> str | None:

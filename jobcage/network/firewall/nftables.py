@@ -123,6 +123,14 @@ class NftablesFirewall(Firewall):
         self.label = LABELS[family]
         self.tables = (self.label,)
 
+    def ipv6(self) -> NftablesFirewall:
+        return self if self.version == 6 else NftablesFirewall(family=6)
+
+    @_in_family
+    def in_use(self) -> bool:
+        # The last cage's teardown deletes the table.
+        return nfchannel.table_use(TABLE) is not None
+
     @_in_family
     def install(self, cage: CagePlan, pool: str, uplink: Callable[[], str]) -> None:
         hooks.check()
