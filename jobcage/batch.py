@@ -16,11 +16,14 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .ids import validate_job_id
 from .usage import Usage
+
+if TYPE_CHECKING:
+    from .config import Config
 
 MIB = 1 << 20
 CONDOR_USAGE_FILE = "jobcage-usage.json"
@@ -315,3 +318,52 @@ def slurm_grace(grace_seconds: float, kill_wait_seconds: float | None) -> float:
 def slurm_usage_file(state_dir: str, job_id: str) -> str:
     """The default record place under Slurm: beside the bills `jobcage reap` writes."""
     return os.path.join(state_dir, "usage", f"{job_id}.json")
+
+
+# -- what `jobcage run --batch` takes --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """A cage's id, config and record place once the batch system's word is in."""
+
+    job_id: str
+    config: Config
+    usage_file: str | None
+    condor: CondorJob | None
+
+
+def batch_run(
+    kind: str,
+    config: Config,
+    *,
+    job_id: str | None,
+    usage_file: str | None,
+    given: frozenset[str],
+) -> BatchRun:
+    """The job's own request (memory, CPUs), a grace inside the batch system's kill
+    delay and its default record place, for each of those the command line did not
+    give (``given`` names the config keys it did)."""
+    job: CondorJob | SlurmJob
+    if kind == "condor":
+        job = condor_job()
+        job_id = job_id or job.job_id
+        grace = condor_grace(config.grace_seconds, job.max_vacate_seconds)
+        default_usage = f"{job.scratch_dir}/{CONDOR_USAGE_FILE}" if job.scratch_dir else None
+    else:
+        job = slurm_job()
+        job_id = job_id or job.job_id
+        grace = slurm_grace(config.grace_seconds, job.kill_wait_seconds)
+        default_usage = slurm_usage_file(config.state_dir, job_id)
+    changes: dict[str, object] = {}
+    for key, value in (("memory_limit", job.memory_limit_bytes), ("cpu_limit", job.cpu_limit)):
+        if key not in given and value is not None:
+            changes[key] = value
+    if "grace_seconds" not in given:
+        changes["grace_seconds"] = grace
+    return BatchRun(
+        job_id=job_id,
+        config=config.replace(**changes),
+        usage_file=usage_file if usage_file is not None else default_usage,
+        condor=job if isinstance(job, CondorJob) else None,
+    )

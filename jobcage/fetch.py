@@ -236,7 +236,7 @@ def _last_per_route(failures: list[str]) -> list[str]:
     return list(last.values())
 
 
-# -- the CLI's part: cli.py registers these -------------------------------------------------
+# -- the CLI's part: jobcage/cli/parser.py registers these ----------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

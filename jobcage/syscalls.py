@@ -4,7 +4,6 @@ umount2 (os.setns and os.unshare arrive in 3.12). One libc handle for the packag
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 CLONE_NEWNS = 0x00020000
@@ -15,7 +14,9 @@ MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
 
-libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The interpreter's own symbols, libc's included: ctypes.util.find_library("c") would
+# run `ldconfig -p` in every `jobcage run` (docs/performance.md).
+libc = ctypes.CDLL(None, use_errno=True)
 libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 libc.unshare.argtypes = (ctypes.c_int,)
 libc.mount.argtypes = (

@@ -71,7 +71,7 @@ def test_bench_quick_all_sections_including_network(tmp_path):
     assert set(result["network"]) == {"nftables", "iptables-legacy"}
     process = result["process"]
     assert set(process) == {"cgroup", "network nftables", "network iptables-legacy"}
-    assert all(row["ratio"] > 0 for row in process.values())
+    assert all(row[state]["ratio"] > 0 for row in process.values() for state in ("busy", "quiet"))
     for net in result["network"].values():
         check_network(net)
     v6 = result["ipv6"]

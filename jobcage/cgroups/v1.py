@@ -13,7 +13,6 @@ import select
 import time
 
 from cgroupspy.controllers import MemoryController
-from cgroupspy.nodes import Node
 
 from ..config import Config
 from ..errors import KernelFeatureError
@@ -42,9 +41,17 @@ REQUIRED = ("freezer",)
 _KERNEL_OPTION = {"memory": "MEMCG", "pids": "CGROUP_PIDS", "cpu": "CFS_BANDWIDTH"}
 
 
+class _Directory:
+    """Where a MemoryController reads and writes: all it asks of its node is
+    ``full_path``. cgroupspy's own Node would also import logging, a per-job cost
+    (docs/performance.md), to name one directory."""
+
+    def __init__(self, path: str) -> None:
+        self.full_path = os.fsencode(path)
+
+
 def _memory(path: str) -> MemoryController:
-    head, name = os.path.split(path)
-    return MemoryController(Node(name, parent=Node(head)))
+    return MemoryController(_Directory(path))
 
 
 class CgroupV1Backend(CgroupBackend):

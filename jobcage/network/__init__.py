@@ -13,12 +13,33 @@ its counts), ``restore`` (every cage's, for reap), ``orphans`` (what reap finds
 without a record), ``hooks`` (the tests' guard). See docs/network.md.
 """
 
-from .cage import NetworkCage, read_counters
-from .firewall.policy import NetCounters
-from .firewall.report import FirewallReport, firewall_report, node_iptables_backend
-from .netns import forwarding_enabled
-from .orphans import Orphan, find_orphans, remove_orphan
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cage import NetworkCage, read_counters
+    from .firewall.policy import NetCounters
+    from .firewall.report import FirewallReport, firewall_report, node_iptables_backend
+    from .netns import forwarding_enabled
+    from .orphans import Orphan, find_orphans, remove_orphan
+
+# Each name from the module that has it, imported on first use (PEP 562): a
+# `jobcage run --network` needs the cage, not doctor's report or reap's orphan scan,
+# and every module it imports is a per-job cost (docs/performance.md).
+_HOMES = {
+    "NetworkCage": ".cage",
+    "read_counters": ".cage",
+    "NetCounters": ".firewall.policy",
+    "FirewallReport": ".firewall.report",
+    "firewall_report": ".firewall.report",
+    "node_iptables_backend": ".firewall.report",
+    "forwarding_enabled": ".netns",
+    "Orphan": ".orphans",
+    "find_orphans": ".orphans",
+    "remove_orphan": ".orphans",
+}
 __all__ = [
     "FirewallReport",
     "NetCounters",
@@ -31,3 +52,12 @@ __all__ = [
     "read_counters",
     "remove_orphan",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value

@@ -1,4 +1,5 @@
-"""`jobcage watch`'s part of the CLI, light to import: cli.py registers these."""
+"""`jobcage watch`'s part of the CLI, light to import: jobcage/cli/parser.py registers
+these, and holds the command's help line with the others'."""
 
 from __future__ import annotations
 
@@ -8,11 +9,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..config import Config
-
-HELP = (
-    "the node daemon: watch every cage's processes (and police batch daemons' trees), "
-    "one JSON line per event or detection, Prometheus metrics when configured"
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

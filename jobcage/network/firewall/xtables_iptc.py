@@ -4,8 +4,13 @@ entries :mod:`.xtables_compiled` makes (why: the docstring of :mod:`.xtables`)."
 
 from __future__ import annotations
 
+import ctypes.util
 import functools
-from collections.abc import Iterator
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ...errors import KernelFeatureError, NetworkError
@@ -16,14 +21,66 @@ from .xtables_compiled import Entry, EntryCache
 
 @functools.cache
 def _iptc() -> Any:
+    """python-iptables, imported late (it runs modprobe and loads libiptc) and fast.
+
+    At import it looks its libraries up with ctypes.util.find_library, which runs
+    ``ldconfig -p`` for every name it tries, then gcc and ld for each it does not find
+    (its own libxtwrapper is found on sys.path only after those fail); and it imports
+    distutils.sysconfig, which under setuptools' distutils shim imports all of
+    setuptools. Together ~0.14 s per `jobcage run` on an x_tables node
+    (docs/performance.md). Both are answered here as python-iptables would answer
+    them itself: names from one ``ldconfig -p`` listing, and its own fallback for a
+    Python without distutils (3.12+)."""
+    saved = ctypes.util.find_library
+    blocked = "distutils.sysconfig" not in sys.modules
+    ctypes.util.find_library = _library_finder()
+    if blocked:
+        sys.modules["distutils.sysconfig"] = None  # type: ignore[assignment]
     try:
-        import iptc  # imported late: it runs modprobe and loads libiptc at import
+        import iptc
     except (ImportError, OSError) as e:
         raise KernelFeatureError(
             f"python-iptables cannot load libiptc ({e}): install the `iptables` package "
             "(Debian/Ubuntu: apt-get install iptables)"
         ) from e
+    finally:
+        ctypes.util.find_library = saved
+        if blocked:
+            del sys.modules["distutils.sysconfig"]
     return iptc
+
+
+def _library_finder() -> Callable[[str], str | None]:
+    """find_library over one listing of the dynamic linker's cache: the soname of
+    ``lib<name>.so*`` for this machine's ABI, as ctypes.util finds it, or None."""
+    try:
+        listing = subprocess.run(
+            ["ldconfig", "-p"],
+            capture_output=True,
+            text=True,
+            env={"LC_ALL": "C", "LANG": "C", "PATH": "/sbin:/usr/sbin:/usr/bin:/bin"},
+            check=False,
+        ).stdout
+    except OSError:
+        listing = ""
+    bits = "64" if sys.maxsize > 2**32 else "32"
+    abi = _ABI.get(f"{os.uname().machine}-{bits}", "libc6")
+
+    def find(name: str) -> str | None:
+        match = re.search(rf"\s(lib{re.escape(name)}\.\S+)\s+\({re.escape(abi)}[,)]", listing)
+        return match.group(1) if match else None
+
+    return find
+
+
+# The ABI tag ldconfig -p prints per machine, as ctypes.util maps it ("libc6" otherwise).
+_ABI = {
+    "x86_64-64": "libc6,x86-64",
+    "ppc64-64": "libc6,64bit",
+    "sparc64-64": "libc6,64bit",
+    "s390x-64": "libc6,64bit",
+    "ia64-64": "libc6,IA-64",
+}
 
 
 def _table(name: str) -> Any:
