@@ -344,7 +344,7 @@ def check_iptables(config: Config | None = None) -> list[Check]:
             Status.OK,
             f"the node's iptables is {report.node_iptables}, JobCage writes "
             f"{report.jobcage_backend} rules"
-            + (" (`nft list table ip jobcage`)" if report.jobcage_backend == "nftables" else "")
+            + (f" (`{report.shown_by}`)" if report.shown_by else "")
             + (f"; the node has {counts}" if counts else ""),
         )
     ]

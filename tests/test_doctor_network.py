@@ -45,3 +45,15 @@ def test_uplink_and_pool_checks_see_the_nodes_links_and_routes(node, tmp_path):
     assert default.status is doctor.Status.OK and "uplink eth0 (from the default route)" in (
         default.message
     )
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", ["nftables", "iptables-legacy"])
+def test_iptables_check_names_the_backends_own_listing(tmp_path, backend):
+    """doctor names the command that shows JobCage's rules alone where the backend
+    has one (its own nftables table), asked of the backend, not of its name."""
+    config = Config(state_dir=str(tmp_path / "state"), firewall=backend)
+    first = doctor.check_iptables(config)[0]
+    if first.status == doctor.Status.FAIL:
+        pytest.skip(f"no {backend} backend on this kernel: {first.message}")
+    assert ("(`nft list table ip jobcage`)" in first.message) == (backend == "nftables")

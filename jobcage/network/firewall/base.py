@@ -36,6 +36,9 @@ class Firewall(abc.ABC):
     name: str
     # Where its objects live, as records and FirewallObject name them.
     tables: tuple[str, ...]
+    # The command that shows JobCage's rules and nothing else, for doctor to name
+    # (None where they sit among the node's own, as x_tables' chains do).
+    shown_by: str | None = None
 
     @abc.abstractmethod
     def install(self, cage: CagePlan, pool: str, uplink: Callable[[], str]) -> None:

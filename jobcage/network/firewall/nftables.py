@@ -122,6 +122,7 @@ class NftablesFirewall(Firewall):
         self.version = family
         self.label = LABELS[family]
         self.tables = (self.label,)
+        self.shown_by = f"nft list table {self.label}"
 
     def ipv6(self) -> NftablesFirewall:
         return self if self.version == 6 else NftablesFirewall(family=6)

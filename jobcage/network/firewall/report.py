@@ -24,6 +24,8 @@ class FirewallReport:
     warnings: list[str] = field(default_factory=list)
     # Why JobCage's backend cannot work on this node (None: it can).
     problem: str | None = None
+    # The command that shows JobCage's rules alone (None: no such command).
+    shown_by: str | None = None
 
 
 @functools.cache
@@ -69,7 +71,8 @@ def firewall_report(backend: str = "auto") -> FirewallReport:
     config's ``firewall``) and what on the node would interfere with them."""
     node = node_iptables_backend()
     ours = resolve_firewall(backend)
-    problem = open_firewall(ours).problem()
+    firewall = open_firewall(ours)
+    problem = firewall.problem()
     legacy_saved = _save("iptables-legacy-save")
     nft_saved = _save("iptables-nft-save")
     legacy, nft = _count_rules(legacy_saved), _count_rules(nft_saved)
@@ -105,4 +108,4 @@ def firewall_report(backend: str = "auto") -> FirewallReport:
             f"rules live in both backends ({legacy} legacy, {nft} nf_tables): both are "
             "evaluated for every packet; keep the node's own rules in one of them"
         )
-    return FirewallReport(node, ours, legacy, nft, warnings, problem)
+    return FirewallReport(node, ours, legacy, nft, warnings, problem, firewall.shown_by)
