@@ -71,6 +71,14 @@ def _drops(networld, veth: str) -> int:
     return rx.get("dropped", 0) + rx.get("otherhost", 0)
 
 
+def _llc_takes_802_2() -> bool:
+    """Whether the llc module's handler of 802.2 frames is registered (it drops the LLC
+    frame uncounted); without it, as in tools/vm-test's guest, the veth counts that
+    frame too. /proc/net/ptype lists the kernel's packet handlers by ethertype."""
+    with open("/proc/net/ptype", encoding="ascii") as f:
+        return any(line.split()[:1] == ["0004"] for line in f.readlines()[1:])
+
+
 def test_non_ip_frames_from_a_cage_are_dropped_and_counted_by_the_node(node, net_config, job_id):
     cage = NetworkCage.create(job_id, net_config)
     try:
@@ -94,7 +102,7 @@ def _send_and_check(node, cage) -> None:
         check=True,
         timeout=30,
     )
-    counted = int(sent.stdout.strip())
+    counted = int(sent.stdout.strip()) + (0 if _llc_takes_802_2() else 1)
     seen = []
     with uplink:
         while True:
