@@ -8,12 +8,14 @@ watcher has applied (bounded polls of its table), a line a job prints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -144,18 +146,37 @@ def test_n_forks_are_seen_as_n_and_no_watcher_means_none(cage_config):
     assert plain.final_usage.events_lost is None and plain.final_usage.detections is None
 
 
-def _escape_job(cage: JobCage, then: str) -> list[str]:
-    targets = " ".join(
-        os.path.join(os.path.dirname(path), "cgroup.procs") for path in cage.cgroup_paths.values()
-    )
+@contextlib.contextmanager
+def _beside(cage: JobCage) -> Iterator[list[str]]:
+    """A leaf cgroup beside the cage in each of its hierarchies, for a job to escape to.
+    Not the cage's parent: on cgroup v2 that is an inner node with controllers enabled,
+    which holds no process (the no-internal-processes rule refuses the move with
+    EBUSY). Left for the test's parent cleanup (which kills what is inside) if a
+    process is still in it."""
+    dirs = [
+        os.path.join(os.path.dirname(path), f"out-{os.path.basename(path)}")
+        for path in cage.cgroup_paths.values()
+    ]
+    for d in dirs:
+        os.mkdir(d)
+    try:
+        yield dirs
+    finally:
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
+def _escape_job(into: list[str], then: str) -> list[str]:
+    targets = " ".join(os.path.join(d, "cgroup.procs") for d in into)
     return ["/bin/sh", "-c", f"for f in {targets}; do echo $$ > $f; done; echo out; {then}"]
 
 
 @pytest.mark.root
 @pytest.mark.parametrize("then", ["exec sleep 60", "read x"], ids=["exec", "quiet"])
 def test_root_job_moving_out_of_its_cage_is_killed_and_recorded(cage_config, then):
-    with JobCage(unique("w"), config=cage_config, watch=True) as cage:
-        proc = cage.spawn(_escape_job(cage, then), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    with JobCage(unique("w"), config=cage_config, watch=True) as cage, _beside(cage) as out:
+        proc = cage.spawn(_escape_job(out, then), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert proc.stdout.readline() == b"out\n"
         assert proc.pid not in cage.pids()  # really outside: the cage cannot kill it
         assert proc.wait(timeout=10) == -9  # the watcher did
