@@ -15,10 +15,9 @@ from jobcage.errors import TeardownError
 from jobcage.records import StateStore
 from jobcage.recovery import reap
 from jobcage.recovery.bill import usage_dir, write_bill
-from jobcage.testing.networld import wait_until
 from jobcage.usage import Usage
 
-from .test_network_held import _state, frozen_fs, short_kill  # noqa: F401  (fixtures)
+from .test_network_held import frozen_fs, short_kill, spawn_blocked_writer  # noqa: F401
 
 
 def test_a_bill_is_written_once_per_cage_and_a_reused_id_gets_its_own(tmp_path):
@@ -58,9 +57,8 @@ def test_a_cage_its_owner_billed_under_slurm_is_not_billed_again(tmp_path):
 def test_destroyed_then_reaped_in_two_passes_is_billed_once(cage_config, frozen_fs, short_kill):  # noqa: F811
     cage = JobCage("twopass.1", config=cage_config).create()
     mnt = frozen_fs()
-    hung = cage.spawn(["sh", "-c", f"echo x > {mnt}/file"])
+    hung = spawn_blocked_writer(cage, mnt)
     try:
-        wait_until(lambda: _state(hung.pid) == "D", "the job to block on the frozen fs")
         with pytest.raises(TeardownError, match="survived SIGKILL"):
             cage.destroy()
         first = reap(cage_config)
