@@ -41,7 +41,7 @@ from .parser import UsageError, build_parser, command_of
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-# command -> "module:function", the module relative to the package.
+# command -> "module:function", imported by _command() when that command runs.
 COMMANDS = {
     "run": "jobcage.cli.run:cmd_run",
     "list": "jobcage.cli.cages:cmd_list",
