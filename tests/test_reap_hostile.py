@@ -198,3 +198,38 @@ def test_a_newer_formats_record_is_left_alone_and_so_is_its_cage(cage_config):
     finally:
         store.remove("newer.1")
         cage.destroy()
+
+
+def test_a_damaged_record_of_a_running_owner_stays_and_so_does_its_cage(cage_config):
+    """A record that fails validation but names its owner soundly: while that owner runs,
+    reap neither sets it aside nor kills the cage as unrecorded; once the owner is gone
+    (here: the record names a dead one), it is set aside as before."""
+    store = StateStore(cage_config.state_dir)
+    cage = JobCage("damaged.1", config=cage_config).create()
+    proc = cage.spawn(["sleep", "1000"])
+    path = store.path("damaged.1")
+    with open(path, "rb") as f:
+        sound = f.read()
+    damaged = json.loads(sound)
+    damaged["state"] = 7
+    _write_record(store, "damaged.1", json.dumps(damaged).encode())
+    try:
+        status, _out, err = run_main(["reap", *config_args(cage_config)])
+        assert status == 1 and "has state 7" in err and f"owner (pid {os.getpid()})" in err
+        assert proc.poll() is None and os.path.exists(path)
+        assert not os.path.exists(store.bad_dir)
+
+        damaged["owner_pid"] = DEAD_PID
+        _write_record(store, "damaged.1", json.dumps(damaged).encode())
+        report = reap(cage_config)
+        [aside] = report.set_aside
+        assert aside.path == path
+        assert [(c.job_id, c.reason) for c in report.cages] == [("damaged.1", "no-record")]
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        shutil.rmtree(store.bad_dir, ignore_errors=True)
+        if os.path.exists(path):
+            _write_record(store, "damaged.1", sound)
+            cage.destroy()
+        else:
+            cage._state = type(cage._state).DESTROYED

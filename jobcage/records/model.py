@@ -300,6 +300,18 @@ def _owner(data: Mapping[str, Any], pid: str, ticks: str) -> Owner:
     return Owner(owner_pid, _int(data.get(ticks), ticks))
 
 
+def salvage_owner(data: object) -> Owner | None:
+    """The owner of a record that fails validation elsewhere, if its owner fields are
+    sound: reap must not take a live owner's cage for a damaged field."""
+    if not isinstance(data, Mapping):
+        return None
+    try:
+        owner = _owner(data, "owner_pid", "owner_start_ticks")
+    except RecordError:
+        return None
+    return owner if owner.pid is not None and owner.start_ticks is not None else None
+
+
 def _usage(value: object) -> Usage:
     data = _dict(value, "final_usage")
     for name, figure in data.items():

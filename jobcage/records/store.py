@@ -42,7 +42,7 @@ from ..errors import (
     StateDirError,
 )
 from ..ids import validate_job_id
-from .model import CageRecord, Owner, RecordState, parse_record
+from .model import CageRecord, Owner, RecordState, parse_record, salvage_owner
 from .owner import this_process
 
 BAD_DIR = "bad"
@@ -60,6 +60,9 @@ class BadRecord:
     reason: str
     # Written by a newer JobCage: left in place, its job id still taken.
     newer: bool = False
+    # The owner named by a record that is valid JSON but fails validation, if its
+    # owner fields themselves are sound: while that owner runs, the record stays.
+    owner: Owner | None = None
 
     def __str__(self) -> str:
         return f"bad cage record {self.path}: {self.reason}"
@@ -311,14 +314,19 @@ class StateStore:
                 bad.append(BadRecord(path, _job_id_or_none(stem), f"cannot be read: {e}"))
                 continue
             try:
-                good.append(parse_record(json.loads(raw.decode("utf-8")), stem))
+                data = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError:
                 bad.append(BadRecord(path, _job_id_or_none(stem), "is not UTF-8"))
-            except ValueError as e:  # JSONDecodeError, and RecordError is not one
+                continue
+            except ValueError as e:  # JSONDecodeError
                 bad.append(BadRecord(path, _job_id_or_none(stem), f"is not JSON ({e})"))
+                continue
+            try:
+                good.append(parse_record(data, stem))
             except RecordError as e:
                 newer = isinstance(e, NewerRecordError)
-                bad.append(BadRecord(path, _job_id_or_none(stem), str(e), newer))
+                job_id = _job_id_or_none(stem)
+                bad.append(BadRecord(path, job_id, str(e), newer, salvage_owner(data)))
         return good, bad
 
     def records(self) -> list[CageRecord]:

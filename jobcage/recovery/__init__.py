@@ -12,7 +12,8 @@ and destroyed by other processes. It rests on two facts of :mod:`jobcage.records
 A record is input: one that cannot be believed is reported and moved to
 ``cages/bad/``, and reap acts only on names it derives itself from a valid job id
 under its own cgroup parents and netns naming, never on a path a record names. What a
-set-aside record's cage left is then found as objects with no record.
+set-aside record's cage left is then found as objects with no record; so a damaged
+record that still names a running owner stays, or that owner's job would be killed.
 
 An owner killed inside ``NetworkCage.create`` leaves ``network: null`` in its record
 while a netns and lease may exist: they carry the job id, and the network orphan pass,
@@ -26,6 +27,7 @@ from __future__ import annotations
 from ..config import Config
 from ..errors import JobCageError
 from ..records import StateStore
+from ..records.owner import owner_alive
 from ..records.store import BadRecord
 from .bill import USAGE_DIR, usage_dir
 from .find import had_network, parent_dirs, reap_reason, stale_temp_files, untrusted_reason
@@ -93,6 +95,14 @@ def reap(config: Config, *, dry_run: bool = False) -> ReapReport:
 def _set_aside(store: StateStore, bad: BadRecord, report: ReapReport) -> None:
     if bad.newer:
         report.other_errors.append(str(bad))
+        return
+    if bad.owner is not None and owner_alive(bad.owner):
+        # Set aside, its cage would be reaped as unrecorded under a running owner.
+        report.live += 1
+        report.other_errors.append(
+            f"{bad}; left in place with its cage while its owner (pid {bad.owner.pid}) "
+            "runs: the owner rewrites it as it goes, or a later reap sets it aside"
+        )
         return
     if report.dry_run:
         report.set_aside.append(SetAside(bad.path, bad.reason, None))
