@@ -44,6 +44,16 @@ def validate_job_id(job_id: object) -> str:
     return job_id
 
 
+def is_job_id(value: object) -> bool:
+    """Whether ``value`` is a valid job id: for names read back from disk, where a bad
+    one is damage to skip rather than an error to raise."""
+    try:
+        validate_job_id(value)
+    except InvalidJobIdError:
+        return False
+    return True
+
+
 def short_hash(job_id: str, length: int = 12) -> str:
     import hashlib  # only networked cages need it: not at `jobcage run`'s import
 

@@ -189,3 +189,26 @@ def test_owner_killed_anywhere_in_a_networked_cage_leaves_nothing_after_one_reap
         firewall=firewall,
     )
     _trials(config, mode, network=True)
+
+
+@pytest.mark.network
+def test_a_lease_its_owner_never_wrote_is_released_by_one_reap(node, cage_config):
+    """An owner killed between creating its lease (O_EXCL) and writing its job id into it
+    leaves an empty lease; a damaged one may hold anything. Reap failed on them with "job
+    id is empty" (its claim on the lease's job id), in CI, at one of the trials above."""
+    config = cage_config.replace(
+        campus_networks=(world_mod.CAMPUS_NETWORK,), address_pool=world_mod.POOL
+    )
+    from jobcage.network import NetworkCage
+
+    NetworkCage.create("lease.1", config).destroy()  # this state dir held a network cage
+    leases = os.path.join(config.state_dir, "network", "leases")
+    assert os.listdir(leases) == []
+    for index, content in (("5", ""), ("6", "../../etc"), ("7", "a b")):
+        with open(os.path.join(leases, index), "w") as f:
+            f.write(content)
+    report = reap(config)
+    assert not report.errors, report.errors
+    assert sorted(c.removed[0] for c in report.cages) == ["lease 5", "lease 6", "lease 7"]
+    assert os.listdir(leases) == []
+    assert _leftovers(config, "lease.1", network=True) == []

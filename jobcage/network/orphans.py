@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..errors import JobCageError, NetworkError
+from ..ids import is_job_id, veth_names
 from ..ids import netns_name as make_netns_name
-from ..ids import veth_names
 from ..records import StateStore
 from . import ipv6 as ipv6_mod
 from . import netns, resolv
@@ -123,7 +123,8 @@ def remove_orphan(orphan: Orphan, config: Config) -> None:
         job_id = store.held().get(int(orphan.name))
         if job_id is not None:
             name = make_netns_name(job_id)
-            if os.path.exists(os.path.join(netns.NETNS_RUN_DIR, name)):
+            # An empty or damaged lease names no netns JobCage could have made.
+            if is_job_id(job_id) and os.path.exists(os.path.join(netns.NETNS_RUN_DIR, name)):
                 # The lease is what makes that netns this state dir's orphan: released
                 # while the netns is still there, nobody would ever reap the netns.
                 raise NetworkError(

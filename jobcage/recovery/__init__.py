@@ -26,8 +26,7 @@ from __future__ import annotations
 
 from ..config import Config
 from ..errors import JobCageError
-from ..records import StateStore
-from ..records.owner import owner_alive
+from ..records import StateStore, owner_alive
 from ..records.store import BadRecord
 from .bill import USAGE_DIR, usage_dir
 from .find import had_network, parent_dirs, reap_reason, stale_temp_files, untrusted_reason

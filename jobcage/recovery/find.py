@@ -15,7 +15,7 @@ from ..admin import trusted_cgroup_paths
 from ..cgroups import open_backend
 from ..config import Config
 from ..errors import InvalidJobIdError, JobCageError
-from ..ids import NAME_PREFIX, validate_job_id
+from ..ids import NAME_PREFIX, is_job_id, validate_job_id
 from ..records import CageRecord, RecordState, owner_alive
 from ..records.owner import pid_alive
 from ..records.store import temp_file_writer
@@ -109,15 +109,17 @@ def had_network(config: Config) -> bool:
 
 def orphan_job_id(orphan, config: Config) -> str | None:
     """The job id a network orphan carries (netns, lease); None for veths and rules,
-    which carry only a hash of it."""
+    which carry only a hash of it, and for a lease that holds no valid job id (its
+    owner killed between creating and writing it, or damage): no cage can claim that."""
+    job_id = None
     if orphan.kind == "netns":
-        return orphan.name.removeprefix(f"{NAME_PREFIX}-")
-    if orphan.kind == "lease":
+        job_id = orphan.name.removeprefix(f"{NAME_PREFIX}-")
+    elif orphan.kind == "lease":
         from ..network.addresses import AddressPool, LeaseStore
 
-        return (
+        job_id = (
             LeaseStore(config.state_dir, AddressPool(config.address_pool))
             .held()
             .get(int(orphan.name))
         )
-    return None
+    return job_id if is_job_id(job_id) else None
