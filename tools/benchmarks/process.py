@@ -7,7 +7,9 @@ doing the same kernel steps without JobCage:
 
 * cgroup: ``jobcage run --job-id X -- true`` against a shell script that makes the
   cage's cgroups (one per v1 controller JobCage joins, or one v2 directory), joins
-  them, runs ``true``, freezes and thaws, and removes them;
+  them, runs ``true``, freezes and thaws, and removes them; and, as the floor any
+  CPython entry point starts from, a bare interpreter importing only the standard
+  library modules that ``jobcage run`` imports, against the same recipe;
 * network (in the simulated node), once per firewall backend of JobCage:
   ``jobcage run --network -- true`` against the bare recipe: netns, a veth made in
   it, addresses, route, MASQUERADE and four FORWARD counting rules with
@@ -112,16 +114,52 @@ def cgroup_rows(runs: int) -> dict:
                 check=True,
             )
 
+        floor_command = [sys.executable, "-c", "import " + ", ".join(_stdlib_of_run(env))]
+
+        def floor() -> None:
+            subprocess.run(floor_command, check=True)
+
         try:
-            return _rows(
+            rows = _rows(
                 {"jobcage run -- true": jobcage, "shell cgroup recipe": recipe}, runs, 2.0
             )
+            rows["floor"] = _rows({"python + run's stdlib": floor, "recipe": recipe}, runs, None)
+            return rows
         finally:
             for p in parents:
                 os.rmdir(p)
 
 
-def _rows(fns: dict, runs: int, target: float) -> dict:
+STDLIB_OF_RUN = """\
+import atexit, sys
+
+OUT = sys.argv[1]
+
+def dump():
+    with open(OUT, "w") as f:
+        f.write(" ".join(sorted({m.split(".")[0] for m in sys.modules} & sys.stdlib_module_names)))
+
+atexit.register(dump)
+from jobcage.cli import main
+sys.argv = ["jobcage", *sys.argv[2:]]
+sys.exit(main())
+"""
+
+
+FLOOR_ROW = "floor: bare python importing the stdlib modules `jobcage run` does, vs the recipe"
+
+
+def _stdlib_of_run(env: dict) -> list[str]:
+    """The standard library's top-level modules a `jobcage run -- true` has imported by
+    its exit. A fresh interpreter importing only these is the floor of any CPython
+    `jobcage run` that uses them, before one line of JobCage or one kernel call."""
+    with tempfile.NamedTemporaryFile("r", prefix="jobcage-bench-") as out:
+        command = [sys.executable, "-c", STDLIB_OF_RUN, out.name]
+        subprocess.run([*command, "run", "--job-id", "stdlib", "--", "true"], env=env, check=True)
+        return out.read().split()
+
+
+def _rows(fns: dict, runs: int, target: float | None) -> dict:
     """Each pair measured in both states of a node (common.warm_cgroup_lock, common.idle):
     the first cgroup migration after a pause waits for an RCU grace period, and a
     `jobcage run` migrates its job only after its imports, by when a busy node's
@@ -214,13 +252,20 @@ def markdown(result: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for row, figures in result.items():
-        for state in ("busy", "quiet"):
-            mine, recipe = (v for v in figures[state].values() if isinstance(v, dict))
-            lines.append(
-                f"| {row} | {state} | {mine['median_ms']} | {recipe['median_ms']} | "
-                f"{figures[state]['ratio']}x | {figures['target']}x |"
-            )
+        _markdown_rows(lines, row, figures)
+        if "floor" in figures:
+            _markdown_rows(lines, FLOOR_ROW, figures["floor"])
     return [*lines, ""]
+
+
+def _markdown_rows(lines: list[str], row: str, figures: dict) -> None:
+    target = "-" if figures["target"] is None else f"{figures['target']}x"
+    for state in ("busy", "quiet"):
+        mine, recipe = (v for v in figures[state].values() if isinstance(v, dict))
+        lines.append(
+            f"| {row} | {state} | {mine['median_ms']} | {recipe['median_ms']} | "
+            f"{figures[state]['ratio']}x | {target} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
