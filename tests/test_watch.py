@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -251,6 +252,42 @@ def test_overflow_is_reported_and_the_table_is_right_after_resync(cage_config):
         watcher.stop()
 
 
+STORM = """
+    import os
+    print("storm", flush=True)
+    for _ in range(3000):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    print("done", flush=True)
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("action", ["log", "kill"])
+def test_a_fork_storm_is_reported_with_its_rate_and_killed_when_asked(cage_config, action):
+    """3000 forks one after another (each reaped: never near pids.max) against a
+    threshold of 100 a second: reported once per one-second window, naming the forking
+    process; with `kill`, that process dies at the first report and forks no more."""
+    config = cage_config.replace(watch_fork_rate=100.0, watch_fork_rate_action=action)
+    with JobCage(unique("w"), config=config, watch=True, pids_limit=64) as cage:
+        proc = cage.spawn(job(STORM), user=NOBODY, stdout=subprocess.PIPE)
+        status = proc.wait(timeout=120)
+        out = proc.stdout.read()
+    storms = [d for d in cage.final_usage.detections if d["kind"] == "fork_rate"]
+    assert storms, cage.final_usage.detections
+    for found in storms:
+        assert found["pid"] == proc.pid and found["uid"] == NOBODY
+        assert found["forks_in_last_second"] == 101  # reported as it crossed, once a window
+        assert found["action"] == action and found["killed"] is (action == "kill")
+    if action == "kill":
+        assert status == -9 and out == b"storm\n" and len(storms) == 1
+        assert cage.final_usage.processes_started < 3000
+    else:
+        assert status == 0 and out == b"storm\ndone\n"
+
+
 STARTER = """#!/bin/sh
 # A stand-in for a batch system's per-job daemon: runs as root, starts the job as nobody.
 exec 3<&0
@@ -297,6 +334,67 @@ def test_police_mode_kills_a_job_process_daemonizing_out_of_the_starter(tmp_path
         ]
         assert found["kind"] == "daemonize" and found["killed"] is True
         assert found["uid"] == NOBODY and found["action"] == "kill"
+        assert os.path.exists(f"/proc/{job_pid}")  # the job itself was not touched
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+        watcher.stop()
+
+
+@pytest.mark.root
+def test_police_mode_finds_a_daemon_whose_parent_exited_among_lost_events(tmp_path):
+    """The exit that orphaned the daemon is lost (the watcher held off while a fork flood
+    overran its socket): the resync after the loss finds the daemon outside its tree
+    and kills it, and says it was found after a loss."""
+    starter = tmp_path / "jc_starter"
+    starter.write_text(STARTER)
+    starter.chmod(0o755)
+    code = """
+        import os, signal, sys, time
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        r, w = os.pipe()
+        keeper = os.fork()
+        if keeper == 0:
+            os.close(w)
+            os.setsid()
+            daemon = os.fork()
+            if daemon == 0:
+                time.sleep(60)
+                os._exit(0)
+            print(os.getpid(), daemon, flush=True)
+            os.read(r, 1)  # its parent until the flood is over
+            os._exit(0)
+        os.close(r)
+        signal.sigwait({signal.SIGUSR1})
+        for _ in range(3000):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        os.close(w)
+        os.waitpid(keeper, 0)
+        print("flooded", flush=True)
+        sys.stdin.read()
+    """
+    watcher = Watcher(buffer_bytes=4096).start()
+    proc = subprocess.Popen(
+        [str(starter), *job(code)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        tree = watcher.watch_daemon(proc.pid)
+        assert tree is not None
+        job_pid = int(proc.stdout.readline().split()[1])
+        keeper, daemon = map(int, proc.stdout.readline().split())
+        assert wait_for(lambda: daemon in tree.procs and keeper in tree.procs)
+        with watcher.lock:  # the watcher reads nothing now: the flood overruns it
+            os.kill(job_pid, signal.SIGUSR1)
+            assert proc.stdout.readline() == b"flooded\n"
+            overflows = watcher.source.overflows
+        assert wait_exit(daemon), "the daemon outlived its tree"
+        assert watcher.source.overflows > overflows and watcher.resyncs > 0
+        [found] = [d for d in tree.detections if d["pid"] == daemon]
+        assert found["kind"] == "daemonize" and found["killed"] is True
+        assert found["after_loss"] is True and found["uid"] == NOBODY
         assert os.path.exists(f"/proc/{job_pid}")  # the job itself was not touched
     finally:
         proc.stdin.close()
