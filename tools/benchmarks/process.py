@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 import jobcage
 from jobcage.cgroups import probe
@@ -114,11 +115,7 @@ def cgroup_rows(runs: int) -> dict:
                 check=True,
             )
 
-        floor_command = [sys.executable, "-c", "import " + ", ".join(_stdlib_of_run(env))]
-
-        def floor() -> None:
-            subprocess.run(floor_command, check=True)
-
+        floor = _floor(env, [], "stdlib")
         try:
             rows = _rows(
                 {"jobcage run -- true": jobcage, "shell cgroup recipe": recipe}, runs, 2.0
@@ -149,14 +146,20 @@ sys.exit(main())
 FLOOR_ROW = "floor: bare python importing the stdlib modules `jobcage run` does, vs the recipe"
 
 
-def _stdlib_of_run(env: dict) -> list[str]:
-    """The standard library's top-level modules a `jobcage run -- true` has imported by
-    its exit. A fresh interpreter importing only these is the floor of any CPython
-    `jobcage run` that uses them, before one line of JobCage or one kernel call."""
+def _floor(env: dict, prefix: list[str], job_id: str, *options: str) -> Callable[[], None]:
+    """A fresh interpreter importing only the standard library's top-level modules that a
+    `jobcage run [options] -- true` (run under ``prefix``) has imported by its exit: the
+    floor of any CPython `jobcage run`, before one line of JobCage or one kernel call."""
     with tempfile.NamedTemporaryFile("r", prefix="jobcage-bench-") as out:
-        command = [sys.executable, "-c", STDLIB_OF_RUN, out.name]
-        subprocess.run([*command, "run", "--job-id", "stdlib", "--", "true"], env=env, check=True)
-        return out.read().split()
+        command = [*prefix, sys.executable, "-c", STDLIB_OF_RUN, out.name, "run"]
+        job = ["--job-id", job_id, *options, "--", "true"]
+        subprocess.run([*command, *job], env=env, check=True)
+        floor_command = [sys.executable, "-c", "import " + ", ".join(out.read().split())]
+
+    def floor() -> None:
+        subprocess.run(floor_command, check=True)
+
+    return floor
 
 
 def _rows(fns: dict, runs: int, target: float | None) -> dict:
@@ -225,11 +228,15 @@ def network_rows(runs: int, firewall: str) -> dict:
                 check=True,
             )
 
-        return _rows(
+        nsenter = ["nsenter", f"--net={netns}", "--"]
+        floor = _floor(env, nsenter, node.job_id("stdlib"), "--network")
+        rows = _rows(
             {"jobcage run --network -- true": jobcage, "bare networked recipe": recipe},
             runs,
             1.25,
         )
+        rows["floor"] = _rows({"python + run's stdlib": floor, "recipe": recipe}, runs, None)
+        return rows
 
 
 def run(runs: int, network: bool = True) -> dict:
