@@ -71,7 +71,9 @@ def test_bench_quick_all_sections_including_network(tmp_path):
     assert set(result["network"]) == {"nftables", "iptables-legacy"}
     process = result["process"]
     assert set(process) == {"cgroup", "network nftables", "network iptables-legacy"}
-    assert all(row[state]["ratio"] > 0 for row in process.values() for state in ("busy", "quiet"))
+    for row in process.values():
+        for state in ("busy", "quiet"):
+            assert row[state]["ratio"] > 0 and row["floor"][state]["ratio"] > 0
     for net in result["network"].values():
         check_network(net)
     v6 = result["ipv6"]
@@ -81,7 +83,7 @@ def test_bench_quick_all_sections_including_network(tmp_path):
     assert all(row["counted_bytes"] >= row["payload_bytes"] for row in v6["accuracy"])
     text = out_md.read_text()
     assert "IPv6 (dual-stack cages, nftables)" in text
-    assert "Whole process: `jobcage run`" in text
+    assert "Whole process: `jobcage run`" in text and "floor: bare python" in text
     assert "Lifecycle, networked" in text and "| N |" in text and "Accuracy" in text
     assert "firewall = nftables" in text and "firewall = iptables-legacy" in text
     after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
