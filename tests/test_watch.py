@@ -329,9 +329,10 @@ def test_police_mode_kills_a_job_process_daemonizing_out_of_the_starter(tmp_path
             assert wait_for(lambda: job_pid in watcher.table.owner)
         daemon = int(proc.stdout.readline())
         assert wait_exit(daemon), "the daemonized job process outlived its tree"
-        [found] = [
-            d for t in watcher.table.trees.values() for d in t.detections if d["pid"] == daemon
-        ]
+        with watcher.lock:  # the watcher kills, then records: under its lock
+            [found] = [
+                d for t in watcher.table.trees.values() for d in t.detections if d["pid"] == daemon
+            ]
         assert found["kind"] == "daemonize" and found["killed"] is True
         assert found["uid"] == NOBODY and found["action"] == "kill"
         assert os.path.exists(f"/proc/{job_pid}")  # the job itself was not touched
@@ -391,8 +392,9 @@ def test_police_mode_finds_a_daemon_whose_parent_exited_among_lost_events(tmp_pa
             assert proc.stdout.readline() == b"flooded\n"
             overflows = watcher.source.overflows
         assert wait_exit(daemon), "the daemon outlived its tree"
+        with watcher.lock:  # the watcher kills, then records: under its lock
+            [found] = [d for d in tree.detections if d["pid"] == daemon]
         assert watcher.source.overflows > overflows and watcher.resyncs > 0
-        [found] = [d for d in tree.detections if d["pid"] == daemon]
         assert found["kind"] == "daemonize" and found["killed"] is True
         assert found["after_loss"] is True and found["uid"] == NOBODY
         assert os.path.exists(f"/proc/{job_pid}")  # the job itself was not touched
