@@ -147,6 +147,58 @@ def test_n_forks_are_seen_as_n_and_no_watcher_means_none(cage_config):
     assert plain.final_usage.events_lost is None and plain.final_usage.detections is None
 
 
+@pytest.mark.root
+def test_a_process_a_sweep_found_before_its_fork_event_is_counted_once(cage_config):
+    """Under load the watcher reads events late: a sweep finds the owner's child (and
+    its child) in the cgroup before their fork events are read. They were counted then;
+    the owner's claim after they exited counted the first again (3 for 2, seen in
+    test_run_watch_puts_the_watcher_fields_in_the_record with CPU burners)."""
+    job_id = unique("w")
+    watcher = Watcher(sweep_seconds=3600)  # not started: the test says when to read
+    try:
+        with JobCage(job_id, config=cage_config) as cage:
+            tree = watcher.watch_cage(job_id, cage.cgroup_paths, owner_pid=os.getpid())
+            proc = cage.spawn(
+                ["/bin/sh", "-c", "sleep 1000 & echo $!; read x; exit 0"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            sleeper = int(proc.stdout.readline())
+            watcher.sweep()  # before any event is read: finds both in the cgroup
+            assert set(tree.procs) == {proc.pid, sleeper}
+            watcher.process_pending()
+            os.kill(sleeper, signal.SIGKILL)
+            proc.stdin.close()
+            assert proc.wait(timeout=10) == 0 and wait_exit(sleeper)
+            watcher.process_pending()
+            watcher.claim(job_id, proc.pid)  # what spawn does once Popen returns
+            assert tree.processes_started == 2, watcher.summary(tree)
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.root
+def test_a_zombie_the_owner_claims_after_its_exit_was_read_is_not_counted_again(cage_config):
+    """The owner claims its child after spawn; under load the child may have exited by
+    then, its exit read, but not yet been reaped: /proc still has it (a zombie)."""
+    job_id = unique("w")
+    watcher = Watcher(sweep_seconds=3600)
+    try:
+        with JobCage(job_id, config=cage_config) as cage:
+            tree = watcher.watch_cage(job_id, cage.cgroup_paths, owner_pid=os.getpid())
+            proc = cage.spawn(["/bin/sh", "-c", "read x; exit 0"], stdin=subprocess.PIPE)
+            watcher.sync(job_id)  # found in the cgroup, counted
+            proc.stdin.close()
+            assert wait_exit(proc.pid)  # exited, not reaped: a zombie
+            watcher.process_pending()
+            assert proc.pid not in tree.procs
+            watcher.claim(job_id, proc.pid)
+            assert tree.processes_started == 1 and proc.pid not in tree.procs
+            assert proc.wait() == 0
+    finally:
+        watcher.stop()
+
+
 @contextlib.contextmanager
 def _beside(cage: JobCage) -> Iterator[list[str]]:
     """A leaf cgroup beside the cage in each of its hierarchies, for a job to escape to.

@@ -62,9 +62,11 @@ def members(cgroup_dirs: dict[str, str]) -> tuple[set[int], set[int]]:
 
 
 def describe(pid: int) -> Proc | None:
-    """A process found by a scan rather than by its fork event."""
+    """A process found by a scan rather than by its fork event; None once it is exiting
+    (a zombie still has a stat: adopted again after its exit was read, it was counted
+    twice, and stayed in its tree for good)."""
     st = procfs.stat(pid)
-    if st is None:
+    if st is None or st.exiting:
         return None
     ruid, euid = procfs.uids(pid) or (None, None)
     return Proc(

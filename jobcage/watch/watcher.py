@@ -169,7 +169,9 @@ class Watcher:
             else:
                 self._adopt(tree, pid)
 
-    def _claim(self, tree: Tree, root: int) -> None:
+    def _claim(self, tree: Tree, root: int, *, adopted: bool = False) -> None:
+        """``root`` and its pending descendants join ``tree``; an ``adopted`` root is in
+        it already (a scan found it, and counted it)."""
         kids: dict[int, list[int]] = {}
         for pid, pending in self._pending.items():
             kids.setdefault(pending.proc.ppid, []).append(pid)
@@ -181,6 +183,8 @@ class Watcher:
                 continue
             stack.extend(kids.get(pid, ()))
             tree.execs += pending.execs
+            if adopted and pid == root:
+                continue
             if pending.exited:
                 tree.processes_started += 1
                 continue
@@ -263,6 +267,8 @@ class Watcher:
             ppid = ev.parent_tgid
             tree = self.table.owner.get(ppid)  # type: ignore[arg-type]
             if tree is None:
+                if ev.tgid in self.table.owner:
+                    return  # a sweep found it (and counted it) before this event was read
                 if ppid in self._owners or ppid in self._pending:
                     proc = Proc(ev.tgid, ppid, None)  # type: ignore[arg-type]
                     self._pending[ev.tgid] = Pending(proc, time.monotonic())
@@ -342,6 +348,10 @@ class Watcher:
             tree.job_uid = proc.ruid if proc.ruid is not None else proc.uid
         self.table.add(tree, proc)
         self._check_privilege(tree, proc)
+        if pid in self._pending:
+            # Its fork was read while its parent was unmatched: counted now, its pending
+            # entry goes, and what it forked meanwhile joins, once each.
+            self._claim(tree, pid, adopted=True)
         return proc
 
     # -- detections ------------------------------------------------------------------------
