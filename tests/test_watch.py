@@ -187,7 +187,7 @@ def test_a_zombie_the_owner_claims_after_its_exit_was_read_is_not_counted_again(
         with JobCage(job_id, config=cage_config) as cage:
             tree = watcher.watch_cage(job_id, cage.cgroup_paths, owner_pid=os.getpid())
             proc = cage.spawn(["/bin/sh", "-c", "read x; exit 0"], stdin=subprocess.PIPE)
-            watcher.sync(job_id)  # found in the cgroup, counted
+            watcher.sync(job_id)  # its fork and exec read, and the cgroup swept: counted
             proc.stdin.close()
             assert wait_exit(proc.pid)  # exited, not reaped: a zombie
             watcher.process_pending()
