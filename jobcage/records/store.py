@@ -36,12 +36,11 @@ from typing import Any
 from ..errors import (
     CageExistsError,
     CageNotFoundError,
-    InvalidJobIdError,
     NewerRecordError,
     RecordError,
     StateDirError,
 )
-from ..ids import validate_job_id
+from ..ids import is_job_id, validate_job_id
 from .model import CageRecord, Owner, RecordState, parse_record, salvage_owner
 from .owner import this_process
 
@@ -304,6 +303,7 @@ class StateStore:
             if not name.endswith(".json"):
                 continue
             stem = name[: -len(".json")]
+            job_id = stem if is_job_id(stem) else None  # a bad record's, from its name
             path = os.path.join(self.cages_dir, name)
             try:
                 with open(path, "rb") as f:
@@ -311,21 +311,20 @@ class StateStore:
             except FileNotFoundError:
                 continue  # removed since the listing
             except OSError as e:
-                bad.append(BadRecord(path, _job_id_or_none(stem), f"cannot be read: {e}"))
+                bad.append(BadRecord(path, job_id, f"cannot be read: {e}"))
                 continue
             try:
                 data = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError:
-                bad.append(BadRecord(path, _job_id_or_none(stem), "is not UTF-8"))
+                bad.append(BadRecord(path, job_id, "is not UTF-8"))
                 continue
             except ValueError as e:  # JSONDecodeError
-                bad.append(BadRecord(path, _job_id_or_none(stem), f"is not JSON ({e})"))
+                bad.append(BadRecord(path, job_id, f"is not JSON ({e})"))
                 continue
             try:
                 good.append(parse_record(data, stem))
             except RecordError as e:
                 newer = isinstance(e, NewerRecordError)
-                job_id = _job_id_or_none(stem)
                 bad.append(BadRecord(path, job_id, str(e), newer, salvage_owner(data)))
         return good, bad
 
@@ -353,13 +352,6 @@ def temp_file_writer(name: str) -> int | None:
     else:
         return None
     return int(pid) if pid.isdigit() else None
-
-
-def _job_id_or_none(name: str) -> str | None:
-    try:
-        return validate_job_id(name)
-    except InvalidJobIdError:
-        return None
 
 
 __all__ = ["BadRecord", "Owner", "StateStore", "temp_file_writer", "unsafe_reason"]

@@ -14,8 +14,8 @@ import os
 from ..admin import trusted_cgroup_paths
 from ..cgroups import open_backend
 from ..config import Config
-from ..errors import InvalidJobIdError, JobCageError
-from ..ids import NAME_PREFIX, is_job_id, validate_job_id
+from ..errors import JobCageError
+from ..ids import NAME_PREFIX, is_job_id
 from ..records import CageRecord, RecordState, owner_alive
 from ..records.owner import pid_alive
 from ..records.store import temp_file_writer
@@ -78,9 +78,7 @@ def orphan_cgroups(parents: dict[str, str], recorded: set[str]) -> dict[str, dic
             for entry in os.scandir(parent):
                 if not entry.is_dir(follow_symlinks=False):
                     continue
-                try:
-                    validate_job_id(entry.name)
-                except InvalidJobIdError:
+                if not is_job_id(entry.name):
                     continue
                 found.setdefault(entry.name, {})[controller] = entry.path
     return {name: paths for name, paths in found.items() if name not in recorded}
